@@ -1,0 +1,187 @@
+// CUDA specialisation of the backend primitives: cuBLAS for products, small
+// kernels for fills and copies; everything queued on the context's stream.
+#pragma once
+
+#if !defined(__CUDACC__)
+#error "rankwise/backend/cuda/kernels.cuh holds device code: include it from a .cu file compiled by nvcc"
+#endif
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "rankwise/backend/cuda/buffer.hpp"
+#include "rankwise/backend/cuda/check.hpp"
+#include "rankwise/backend/cuda/context.hpp"
+#include "rankwise/backend/kernels_decl.hpp"
+#include "rankwise/core/random.hpp"
+#include "rankwise/core/tiling.hpp"
+#include "rankwise/detail/cuda/element.cuh"
+
+namespace rankwise {
+namespace detail {
+namespace cuda {
+
+template <class T>
+__global__ void fill_kernel(T* data, std::int64_t rows, std::int64_t cols, std::int64_t ld,
+                            float value) {
+  const T v = Element<T>::from_float(value);
+  for (std::int64_t e = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; e < rows * cols;
+       e += std::int64_t(gridDim.x) * blockDim.x) {
+    data[(e / cols) * ld + e % cols] = v;
+  }
+}
+
+// Element (i, j) = uniform(seed, i * cols + j): the CPU backend's exact bits.
+template <class T>
+__global__ void fill_uniform_kernel(T* data, std::int64_t rows, std::int64_t cols,
+                                    std::int64_t ld, double lo, double hi,
+                                    std::uint64_t seed) {
+  for (std::int64_t e = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; e < rows * cols;
+       e += std::int64_t(gridDim.x) * blockDim.x) {
+    const float v = static_cast<float>(uniform(seed, static_cast<std::uint64_t>(e), lo, hi));
+    data[(e / cols) * ld + e % cols] = Element<T>::from_float(v);
+  }
+}
+
+template <class T>
+__global__ void scale_kernel(T* data, std::int64_t rows, std::int64_t cols, std::int64_t ld,
+                             float beta) {
+  for (std::int64_t e = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; e < rows * cols;
+       e += std::int64_t(gridDim.x) * blockDim.x) {
+    T& x = data[(e / cols) * ld + e % cols];
+    x = Element<T>::from_float(beta * Element<T>::to_float(x));
+  }
+}
+
+// dst (rows x cols) = srcᵀ through a shared-memory tile, so both the read and
+// the write are coalesced. The tile index arithmetic is TransposeTiling's.
+template <class T>
+__global__ void transpose_kernel(const T* src, std::int64_t src_ld, T* dst, std::int64_t rows,
+                                 std::int64_t cols, std::int64_t dst_ld) {
+  __shared__ T tile[TransposeTiling::kTile][TransposeTiling::kTile + 1];
+  const TransposeTiling tiling{rows, cols};
+  const std::int64_t tile_row = tiling.tile_row(blockIdx.y);
+  const std::int64_t tile_col = tiling.tile_col(blockIdx.x);
+  // Read: src is (cols x rows); thread (x, y) reads src[tile_col + y][tile_row + x].
+  for (int y = threadIdx.y; y < TransposeTiling::kTile; y += blockDim.y) {
+    const std::int64_t r = tile_col + y, c = tile_row + threadIdx.x;
+    if (r < cols && c < rows) tile[y][threadIdx.x] = src[r * src_ld + c];
+  }
+  __syncthreads();
+  for (int y = threadIdx.y; y < TransposeTiling::kTile; y += blockDim.y) {
+    const std::int64_t r = tile_row + y, c = tile_col + threadIdx.x;
+    if (r < rows && c < cols) dst[r * dst_ld + c] = tile[threadIdx.x][y];
+  }
+}
+
+inline unsigned grid_for(std::int64_t elements, int block) {
+  // Grid-stride loops cover the rest; 65535 keeps the grid within every limit.
+  return static_cast<unsigned>(std::min<std::int64_t>(ceil_div(elements, block), 65535));
+}
+
+// cuBLAS requires ld >= max(1, rows of its column-major matrix) even for a
+// single-row view, whose ld rankwise leaves free.
+inline std::int64_t blas_ld(std::int64_t ld, std::int64_t cols) {
+  return std::max<std::int64_t>({ld, cols, 1});
+}
+
+}  // namespace cuda
+}  // namespace detail
+
+template <class T>
+struct Kernels<CudaBackend, T> {
+  using Acc = float;
+  using Ctx = Context<CudaBackend>;
+  using Elem = detail::cuda::Element<T>;
+  static constexpr int kBlock = 256;
+
+  // Row-major C = op(A) op(B) is column-major Cᵀ = op(B)ᵀ op(A)ᵀ, so cuBLAS
+  // gets B first. Accumulates in fp32 (CUBLAS_COMPUTE_32F: no TF32 for float).
+  static void gemm(Ctx& ctx, Acc alpha, MatrixView<const T> a, Op op_a, MatrixView<const T> b,
+                   Op op_b, Acc beta, MatrixView<T> c) {
+    if (c.empty()) return;
+    const std::int64_t inner = op_a == Op::kNoTrans ? a.cols : a.rows;
+    if (inner == 0 || alpha == 0.0f) {
+      if (beta != 1.0f) scale(ctx, c, beta);
+      return;
+    }
+    using detail::cuda::blas_ld;
+    RANKWISE_CUBLAS_CHECK(cublasGemmEx_64(
+        ctx.handle(), op_b == Op::kNoTrans ? CUBLAS_OP_N : CUBLAS_OP_T,
+        op_a == Op::kNoTrans ? CUBLAS_OP_N : CUBLAS_OP_T, c.cols, c.rows, inner, &alpha, b.data,
+        Elem::kDataType, blas_ld(b.ld, b.cols), a.data, Elem::kDataType, blas_ld(a.ld, a.cols),
+        &beta, c.data, Elem::kDataType, blas_ld(c.ld, c.cols), CUBLAS_COMPUTE_32F,
+        CUBLAS_GEMM_DEFAULT));
+  }
+
+  static void fill(Ctx& ctx, MatrixView<T> m, double value) {
+    if (m.empty()) return;
+    detail::cuda::fill_kernel<T><<<detail::cuda::grid_for(m.size(), kBlock), kBlock, 0,
+                                   ctx.stream()>>>(m.data, m.rows, m.cols, m.ld,
+                                                   static_cast<float>(value));
+    RANKWISE_CUDA_LAUNCH_CHECK();
+  }
+
+  static void fill_uniform(Ctx& ctx, MatrixView<T> m, double lo, double hi, std::uint64_t seed) {
+    if (m.empty()) return;
+    detail::cuda::fill_uniform_kernel<T><<<detail::cuda::grid_for(m.size(), kBlock), kBlock, 0,
+                                           ctx.stream()>>>(m.data, m.rows, m.cols, m.ld, lo, hi,
+                                                           seed);
+    RANKWISE_CUDA_LAUNCH_CHECK();
+  }
+
+  static void scale(Ctx& ctx, MatrixView<T> m, float beta) {
+    if (m.empty()) return;
+    if (beta == 0.0f) {
+      fill(ctx, m, 0.0);
+      return;
+    }
+    detail::cuda::scale_kernel<T><<<detail::cuda::grid_for(m.size(), kBlock), kBlock, 0,
+                                    ctx.stream()>>>(m.data, m.rows, m.cols, m.ld, beta);
+    RANKWISE_CUDA_LAUNCH_CHECK();
+  }
+
+  static void copy(Ctx& ctx, MatrixView<const T> src, Op op, MatrixView<T> dst) {
+    if (dst.empty()) return;
+    if (op == Op::kNoTrans) {
+      RANKWISE_CUDA_CHECK(cudaMemcpy2DAsync(dst.data, dst.ld * sizeof(T), src.data,
+                                            detail::cuda::blas_ld(src.ld, src.cols) * sizeof(T),
+                                            dst.cols * sizeof(T), dst.rows,
+                                            cudaMemcpyDeviceToDevice, ctx.stream()));
+      return;
+    }
+    const TransposeTiling tiling{dst.rows, dst.cols};
+    const dim3 grid(static_cast<unsigned>(tiling.tiles_across()),
+                    static_cast<unsigned>(tiling.tiles_down()));
+    const dim3 block(TransposeTiling::kTile, TransposeTiling::kRowsPerPass);
+    detail::cuda::transpose_kernel<T><<<grid, block, 0, ctx.stream()>>>(
+        src.data, src.ld, dst.data, dst.rows, dst.cols, dst.ld);
+    RANKWISE_CUDA_LAUNCH_CHECK();
+  }
+
+  // Host transfers sit at the API boundary only (loading weights, reading
+  // results); they synchronise so the host array may be reused on return.
+  static void upload(Ctx& ctx, const T* host, MatrixView<T> dst) {
+    if (dst.empty()) return;
+    RANKWISE_CUDA_CHECK(cudaMemcpy2DAsync(dst.data, dst.ld * sizeof(T), host,
+                                          dst.cols * sizeof(T), dst.cols * sizeof(T), dst.rows,
+                                          cudaMemcpyHostToDevice, ctx.stream()));
+    ctx.synchronize();
+  }
+
+  static void download(Ctx& ctx, MatrixView<const T> src, T* host) {
+    if (src.empty()) return;
+    RANKWISE_CUDA_CHECK(cudaMemcpy2DAsync(host, src.cols * sizeof(T), src.data,
+                                          detail::cuda::blas_ld(src.ld, src.cols) * sizeof(T),
+                                          src.cols * sizeof(T), src.rows,
+                                          cudaMemcpyDeviceToHost, ctx.stream()));
+    ctx.synchronize();
+  }
+
+  static void synchronize(Ctx& ctx) { ctx.synchronize(); }
+};
+
+}  // namespace rankwise

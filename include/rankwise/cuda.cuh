@@ -1,0 +1,25 @@
+// rankwise on the GPU: the core, the CUDA backend and every layer. Include it
+// from a .cu file compiled by nvcc; it brings no Eigen.
+#pragma once
+
+#if !defined(__CUDACC__)
+#error "<rankwise/cuda.cuh> is the CUDA backend: include it from a .cu file compiled by nvcc. CPU-only code includes <rankwise/rankwise.hpp>."
+#endif
+
+#include "rankwise/backend/cuda/buffer.hpp"
+#include "rankwise/backend/cuda/check.hpp"
+#include "rankwise/backend/cuda/context.hpp"
+#include "rankwise/backend/cuda/kernels.cuh"
+#include "rankwise/backend/kernels_decl.hpp"
+#include "rankwise/backend/tags.hpp"
+#include "rankwise/core/config.hpp"
+#include "rankwise/core/error.hpp"
+#include "rankwise/core/lora_config.hpp"
+#include "rankwise/core/matrix_view.hpp"
+#include "rankwise/core/numeric.hpp"
+#include "rankwise/core/parameter.hpp"
+#include "rankwise/core/random.hpp"
+#include "rankwise/core/tiling.hpp"
+#include "rankwise/core/workspace.hpp"
+#include "rankwise/layers/lora.hpp"
+#include "rankwise/layers/lora_ops.hpp"
