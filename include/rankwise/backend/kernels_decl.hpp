@@ -35,6 +35,40 @@ struct dependent_false {
 ///   download(ctx, src, host)                 contiguous row-major host array = src
 ///   synchronize(ctx)                         waits for queued work
 ///
+/// Rank-unit primitives (METHODS: shrink/expand). units (n x k, int32) name a
+/// rank unit (row of a or bt) per token and slot; coef, gates, h are (n x k)
+/// in Acc. Routing rules come from rankwise/core/routing.hpp, called per token.
+///
+///   gemm_acc(ctx, alpha, a, op_a, b, op_b, beta, c)   as gemm, c in Acc
+///   route(ctx, rule, logits, bias, scores, experts, units, gates, bad)
+///       route_token for every row of logits (n x E, Acc); bias (1 x E) or
+///       empty; bad (1 x 1, int32) receives the number of tokens whose logits
+///       were not finite (the layer reads it when it checks)
+///   route_backward(ctx, rule, scores, bias, experts, dgates, extra, mask, scratch, dlogits)
+///       route_token_backward per token; extra (1 x E) or empty, added only
+///       for unmasked tokens; scratch (n x E, Acc) may be used; dlogits in T
+///   count_experts(ctx, experts, mask, counts)
+///       counts (1 x E, int32) = assignments per expert over tokens whose mask
+///       (1 x n, uint8) is nonzero; an empty mask counts every token
+///   update_bias(ctx, counts, rate, bias)     bias_e += balance_bias_step(...)
+///   gather_dot(ctx, x, w, units, out)        out[n][j] = w[units[n][j]] · x[n]
+///   gather_axpy(ctx, alpha, coef, w, units, y)
+///       y[n] += alpha * Σ_j coef[n][j] * w[units[n][j]]
+///   scatter_axpy(ctx, alpha, coef, src, units, beta, out)
+///       out[i] = beta * out[i] + alpha * Σ_{(n, j): units[n][j] = i} coef[n][j] * src[n],
+///       summed in token order: the same bits on every run
+///   hadamard(ctx, a, b, out)                 out = a ⊙ b (Acc, same shapes)
+///   densify(ctx, units, values, dense)       dense (n x r, Acc) = 0, then
+///                                            dense[n][units[n][j]] += values[n][j]
+///   gather_cols(ctx, dense, units, out)      out[n][j] = dense[n][units[n][j]], dense in T
+///   scale_by(ctx, factors, m)                m ⊙= factors (m in T, factors in Acc)
+///   column_sums(ctx, m, mask, out)           out (1 x cols, Acc) = Σ of masked rows
+///   read_int(ctx, v)                         the value of a (1 x 1) int32, on the host
+///   aux_loss_grad(ctx, counts, k/g, coef, extra)   extra_e = switch_aux_dscore(...)
+///   check_units(ctx, units, r, bad)          bad (1 x 1) = number of units outside [0, r)
+///   upload_doubles / download_doubles        as upload / download, host side in double
+///   prefer_dense(n, k, r)                    this backend's measured crossover
+///
 /// Empty operands are legal and do nothing (except gemm with an empty inner
 /// dimension, which scales c by beta).
 template <class Backend, class T>

@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "rankwise/backend/cuda/buffer.hpp"
 #include "rankwise/backend/cuda/check.hpp"
@@ -19,6 +20,7 @@
 #include "rankwise/core/random.hpp"
 #include "rankwise/core/tiling.hpp"
 #include "rankwise/detail/cuda/element.cuh"
+#include "rankwise/detail/cuda/rank_unit_kernels.cuh"
 
 namespace rankwise {
 namespace detail {
@@ -182,6 +184,198 @@ struct Kernels<CudaBackend, T> {
   }
 
   static void synchronize(Ctx& ctx) { ctx.synchronize(); }
+
+  // ---- rank-unit primitives ----
+
+  static void gemm_acc(Ctx& ctx, Acc alpha, MatrixView<const T> a, Op op_a,
+                       MatrixView<const T> b, Op op_b, Acc beta, MatrixView<Acc> c) {
+    if (c.empty()) return;
+    const std::int64_t inner = op_a == Op::kNoTrans ? a.cols : a.rows;
+    if (inner == 0 || alpha == 0.0f) {
+      Kernels<CudaBackend, float>::scale(ctx, c, beta);
+      return;
+    }
+    using detail::cuda::blas_ld;
+    RANKWISE_CUBLAS_CHECK(cublasGemmEx_64(
+        ctx.handle(), op_b == Op::kNoTrans ? CUBLAS_OP_N : CUBLAS_OP_T,
+        op_a == Op::kNoTrans ? CUBLAS_OP_N : CUBLAS_OP_T, c.cols, c.rows, inner, &alpha, b.data,
+        Elem::kDataType, blas_ld(b.ld, b.cols), a.data, Elem::kDataType, blas_ld(a.ld, a.cols),
+        &beta, c.data, CUDA_R_32F, blas_ld(c.ld, c.cols), CUBLAS_COMPUTE_32F,
+        CUBLAS_GEMM_DEFAULT));
+  }
+
+  static void route(Ctx& ctx, const RoutingRule& rule, MatrixView<const Acc> logits,
+                    MatrixView<const Acc> bias, MatrixView<Acc> scores,
+                    MatrixView<std::int32_t> experts, MatrixView<std::int32_t> units,
+                    MatrixView<Acc> gates, MatrixView<std::int32_t> bad) {
+    RANKWISE_CUDA_CHECK(cudaMemsetAsync(bad.data, 0, sizeof(std::int32_t), ctx.stream()));
+    const std::int64_t n = logits.rows;
+    if (n == 0) return;
+    detail::cuda::route_kernel<<<blocks(n), kBlock, 0, ctx.stream()>>>(
+        rule, n, logits.data, logits.ld, bias.empty() ? nullptr : bias.data, scores.data,
+        scores.ld, experts.data, experts.ld, units.data, units.ld, gates.data, gates.ld,
+        bad.data);
+    RANKWISE_CUDA_LAUNCH_CHECK();
+  }
+
+  static void route_backward(Ctx& ctx, const RoutingRule& rule, MatrixView<const Acc> scores,
+                             MatrixView<const Acc> bias, MatrixView<const std::int32_t> experts,
+                             MatrixView<const Acc> dgates, MatrixView<const Acc> extra,
+                             MatrixView<const std::uint8_t> mask, MatrixView<Acc> scratch,
+                             MatrixView<T> dlogits) {
+    const std::int64_t n = scores.rows;
+    if (n == 0) return;
+    detail::cuda::route_backward_kernel<T><<<blocks(n), kBlock, 0, ctx.stream()>>>(
+        rule, n, scores.data, scores.ld, bias.empty() ? nullptr : bias.data, experts.data,
+        experts.ld, dgates.data, dgates.ld, extra.empty() ? nullptr : extra.data,
+        mask.empty() ? nullptr : mask.data, scratch.data, scratch.ld, dlogits.data, dlogits.ld);
+    RANKWISE_CUDA_LAUNCH_CHECK();
+  }
+
+  static void count_experts(Ctx& ctx, MatrixView<const std::int32_t> experts,
+                            MatrixView<const std::uint8_t> mask, MatrixView<std::int32_t> counts) {
+    RANKWISE_CUDA_CHECK(
+        cudaMemsetAsync(counts.data, 0, sizeof(std::int32_t) * counts.cols, ctx.stream()));
+    if (experts.empty()) return;
+    detail::cuda::count_experts_kernel<<<blocks(experts.size()), kBlock, 0, ctx.stream()>>>(
+        experts.rows, static_cast<int>(experts.cols), experts.data, experts.ld,
+        mask.empty() ? nullptr : mask.data, counts.data);
+    RANKWISE_CUDA_LAUNCH_CHECK();
+  }
+
+  static void update_bias(Ctx& ctx, MatrixView<const std::int32_t> counts, float rate,
+                          MatrixView<Acc> bias) {
+    detail::cuda::update_bias_kernel<<<blocks(counts.cols), kBlock, 0, ctx.stream()>>>(
+        counts.data, static_cast<int>(counts.cols), rate, bias.data);
+    RANKWISE_CUDA_LAUNCH_CHECK();
+  }
+
+  static void aux_loss_grad(Ctx& ctx, MatrixView<const std::int32_t> counts,
+                            int experts_per_token, Acc coefficient, MatrixView<Acc> extra) {
+    detail::cuda::aux_loss_grad_kernel<<<blocks(counts.cols), kBlock, 0, ctx.stream()>>>(
+        counts.data, static_cast<int>(counts.cols), experts_per_token, coefficient, extra.data);
+    RANKWISE_CUDA_LAUNCH_CHECK();
+  }
+
+  static void check_units(Ctx& ctx, MatrixView<const std::int32_t> units, std::int64_t num_units,
+                          MatrixView<std::int32_t> bad) {
+    RANKWISE_CUDA_CHECK(cudaMemsetAsync(bad.data, 0, sizeof(std::int32_t), ctx.stream()));
+    if (units.empty()) return;
+    detail::cuda::check_units_kernel<<<blocks(units.size()), kBlock, 0, ctx.stream()>>>(
+        units.rows, units.cols, units.data, units.ld, num_units, bad.data);
+    RANKWISE_CUDA_LAUNCH_CHECK();
+  }
+
+  static void gather_dot(Ctx& ctx, Acc alpha, MatrixView<const T> x, MatrixView<const T> w,
+                         MatrixView<const std::int32_t> units, MatrixView<Acc> out) {
+    if (units.empty()) return;
+    const std::int64_t threads = units.size() * detail::cuda::kWarp;
+    detail::cuda::gather_dot_kernel<T><<<blocks(threads), kBlock, 0, ctx.stream()>>>(
+        alpha, units.rows, units.cols, x.cols, x.data, x.ld, w.data, w.ld, units.data, units.ld,
+        out.data, out.ld);
+    RANKWISE_CUDA_LAUNCH_CHECK();
+  }
+
+  static void gather_axpy(Ctx& ctx, Acc alpha, MatrixView<const Acc> coef, MatrixView<const T> w,
+                          MatrixView<const std::int32_t> units, MatrixView<T> y) {
+    if (units.empty() || y.empty()) return;
+    detail::cuda::gather_axpy_kernel<T><<<static_cast<unsigned>(units.rows), kBlock, 0,
+                                          ctx.stream()>>>(alpha, units.cols, y.cols, coef.data,
+                                                          coef.ld, w.data, w.ld, units.data,
+                                                          units.ld, y.data, y.ld);
+    RANKWISE_CUDA_LAUNCH_CHECK();
+  }
+
+  static void scatter_axpy(Ctx& ctx, Acc alpha, MatrixView<const Acc> coef,
+                           MatrixView<const T> src, MatrixView<const std::int32_t> units,
+                           Acc beta, MatrixView<T> out) {
+    if (out.empty()) return;
+    const dim3 grid(static_cast<unsigned>(ceil_div(out.cols, kBlock)),
+                    static_cast<unsigned>(out.rows));
+    detail::cuda::scatter_axpy_kernel<T><<<grid, kBlock, 0, ctx.stream()>>>(
+        alpha, units.rows, units.cols, out.cols, coef.data, coef.ld, src.data, src.ld,
+        units.data, units.ld, beta, out.data, out.ld);
+    RANKWISE_CUDA_LAUNCH_CHECK();
+  }
+
+  static void hadamard(Ctx& ctx, MatrixView<const Acc> a, MatrixView<const Acc> b,
+                       MatrixView<Acc> out) {
+    if (out.empty()) return;
+    detail::cuda::hadamard_kernel<<<blocks(out.size()), kBlock, 0, ctx.stream()>>>(
+        out.rows, out.cols, a.data, a.ld, b.data, b.ld, out.data, out.ld);
+    RANKWISE_CUDA_LAUNCH_CHECK();
+  }
+
+  static void densify(Ctx& ctx, MatrixView<const std::int32_t> units, MatrixView<const Acc> values,
+                      MatrixView<Acc> dense) {
+    if (dense.empty()) return;
+    Kernels<CudaBackend, float>::fill(ctx, dense, 0.0);
+    detail::cuda::densify_kernel<<<blocks(units.rows), kBlock, 0, ctx.stream()>>>(
+        units.rows, units.cols, units.data, units.ld, values.data, values.ld, dense.data,
+        dense.ld);
+    RANKWISE_CUDA_LAUNCH_CHECK();
+  }
+
+  static void gather_cols(Ctx& ctx, MatrixView<const T> dense, MatrixView<const std::int32_t> units,
+                          MatrixView<Acc> out) {
+    if (units.empty()) return;
+    detail::cuda::gather_cols_kernel<T><<<blocks(units.size()), kBlock, 0, ctx.stream()>>>(
+        units.rows, units.cols, dense.data, dense.ld, units.data, units.ld, out.data, out.ld);
+    RANKWISE_CUDA_LAUNCH_CHECK();
+  }
+
+  static void scale_by(Ctx& ctx, MatrixView<const Acc> factors, MatrixView<T> m) {
+    if (m.empty()) return;
+    detail::cuda::scale_by_kernel<T><<<blocks(m.size()), kBlock, 0, ctx.stream()>>>(
+        m.rows, m.cols, factors.data, factors.ld, m.data, m.ld);
+    RANKWISE_CUDA_LAUNCH_CHECK();
+  }
+
+  static void column_sums(Ctx& ctx, MatrixView<const Acc> m, MatrixView<const std::uint8_t> mask,
+                          MatrixView<Acc> out) {
+    if (out.empty()) return;
+    detail::cuda::column_sums_kernel<<<blocks(out.cols), kBlock, 0, ctx.stream()>>>(
+        m.rows, m.cols, m.data, m.ld, mask.empty() ? nullptr : mask.data, out.data);
+    RANKWISE_CUDA_LAUNCH_CHECK();
+  }
+
+  static std::int32_t read_int(Ctx& ctx, MatrixView<const std::int32_t> v) {
+    std::int32_t host = 0;
+    RANKWISE_CUDA_CHECK(cudaMemcpyAsync(&host, v.data, sizeof(host), cudaMemcpyDeviceToHost,
+                                        ctx.stream()));
+    ctx.synchronize();
+    return host;
+  }
+
+  // Conversion happens on the host (double -> float -> T), then one transfer.
+  static void upload_doubles(Ctx& ctx, const double* host, MatrixView<T> dst) {
+    std::vector<T> staged(static_cast<std::size_t>(dst.size()));
+    for (std::size_t i = 0; i < staged.size(); ++i) {
+      staged[i] = Elem::from_float(static_cast<float>(host[i]));
+    }
+    upload(ctx, staged.data(), dst);
+  }
+
+  static void download_doubles(Ctx& ctx, MatrixView<const T> src, double* host) {
+    std::vector<T> staged(static_cast<std::size_t>(src.size()));
+    download(ctx, src, staged.data());
+    for (std::size_t i = 0; i < staged.size(); ++i) {
+      host[i] = static_cast<double>(Elem::to_float(staged[i]));
+    }
+  }
+
+  /// Crossover of the rank-unit paths on the GPU: the gathers are bound by
+  /// the bytes of the k selected rows, cuBLAS by all r; dense pays off once
+  /// many tokens share the weights. Not yet measured on a GPU (no device in
+  /// the sessions so far): a conservative guess, overridable per layer.
+  static bool prefer_dense(std::int64_t n, std::int64_t k, std::int64_t r) {
+    return n >= 256 && k * 8 >= r;
+  }
+
+ private:
+  static unsigned blocks(std::int64_t threads) {
+    return static_cast<unsigned>(ceil_div(threads, kBlock));
+  }
 };
 
 }  // namespace rankwise

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <Eigen/Core>
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -10,6 +11,7 @@
 #include "rankwise/backend/eigen/context.hpp"
 #include "rankwise/backend/kernels_decl.hpp"
 #include "rankwise/core/random.hpp"
+#include "rankwise/core/routing.hpp"
 
 namespace rankwise {
 namespace detail {
@@ -96,6 +98,182 @@ struct Kernels<CpuBackend, T> {
   }
 
   static void synchronize(Ctx&) {}
+
+  // ---- rank-unit primitives ----
+
+  static void gemm_acc(Ctx& ctx, Acc alpha, MatrixView<const T> a, Op op_a,
+                       MatrixView<const T> b, Op op_b, Acc beta, MatrixView<Acc> c) {
+    gemm(ctx, alpha, a, op_a, b, op_b, beta, c);  // T is Acc on the CPU
+  }
+
+  static void route(Ctx&, const RoutingRule& rule, MatrixView<const Acc> logits,
+                    MatrixView<const Acc> bias, MatrixView<Acc> scores,
+                    MatrixView<std::int32_t> experts, MatrixView<std::int32_t> units,
+                    MatrixView<Acc> gates, MatrixView<std::int32_t> bad) {
+    std::int32_t bad_tokens = 0;
+    const Acc* b = bias.empty() ? nullptr : bias.data;
+    for (std::int64_t n = 0; n < logits.rows; ++n) {
+      const bool ok = route_token(rule, logits.data + n * logits.ld, b, scores.data + n * scores.ld,
+                                  experts.data + n * experts.ld, units.data + n * units.ld,
+                                  gates.data + n * gates.ld);
+      bad_tokens += ok ? 0 : 1;
+    }
+    bad.data[0] = bad_tokens;
+  }
+
+  static void route_backward(Ctx&, const RoutingRule& rule, MatrixView<const Acc> scores,
+                             MatrixView<const Acc> bias, MatrixView<const std::int32_t> experts,
+                             MatrixView<const Acc> dgates, MatrixView<const Acc> extra,
+                             MatrixView<const std::uint8_t> mask, MatrixView<Acc> /*scratch*/,
+                             MatrixView<T> dlogits) {
+    const Acc* b = bias.empty() ? nullptr : bias.data;
+    for (std::int64_t n = 0; n < scores.rows; ++n) {
+      const bool masked_out = !mask.empty() && mask.data[n] == 0;
+      const Acc* x = extra.empty() || masked_out ? nullptr : extra.data;
+      route_token_backward(rule, scores.data + n * scores.ld, b, experts.data + n * experts.ld,
+                           dgates.data + n * dgates.ld, x, dlogits.data + n * dlogits.ld);
+    }
+  }
+
+  static void aux_loss_grad(Ctx&, MatrixView<const std::int32_t> counts, int experts_per_token,
+                            Acc coefficient, MatrixView<Acc> extra) {
+    const int num_experts = static_cast<int>(counts.cols);
+    for (int e = 0; e < num_experts; ++e) {
+      extra.data[e] = static_cast<Acc>(
+          switch_aux_dscore(counts.data, num_experts, e, experts_per_token, coefficient));
+    }
+  }
+
+  static void check_units(Ctx&, MatrixView<const std::int32_t> units, std::int64_t num_units,
+                          MatrixView<std::int32_t> bad) {
+    std::int32_t out_of_range = 0;
+    for (std::int64_t n = 0; n < units.rows; ++n) {
+      for (std::int64_t j = 0; j < units.cols; ++j) {
+        const std::int32_t u = units.data[n * units.ld + j];
+        out_of_range += (u < 0 || u >= num_units) ? 1 : 0;
+      }
+    }
+    bad.data[0] = out_of_range;
+  }
+
+  static void upload_doubles(Ctx&, const double* host, MatrixView<T> dst) {
+    for (std::int64_t i = 0; i < dst.rows; ++i) {
+      for (std::int64_t j = 0; j < dst.cols; ++j) {
+        dst.data[i * dst.ld + j] = static_cast<T>(host[i * dst.cols + j]);
+      }
+    }
+  }
+
+  static void download_doubles(Ctx&, MatrixView<const T> src, double* host) {
+    for (std::int64_t i = 0; i < src.rows; ++i) {
+      for (std::int64_t j = 0; j < src.cols; ++j) {
+        host[i * src.cols + j] = static_cast<double>(src.data[i * src.ld + j]);
+      }
+    }
+  }
+
+  /// Performance model for the rank-unit path: the dense path (two GEMMs over
+  /// all r units, gates as a mask) wins once the GEMM's efficiency outweighs
+  /// its r / k times more arithmetic. Measured with bench_smora (see README).
+  static bool prefer_dense(std::int64_t n, std::int64_t k, std::int64_t r) {
+    return n >= kDenseMinTokens && k * kDenseRatio >= r;
+  }
+  static constexpr std::int64_t kDenseMinTokens = 64;
+  static constexpr std::int64_t kDenseRatio = 8;
+
+  static void count_experts(Ctx&, MatrixView<const std::int32_t> experts,
+                            MatrixView<const std::uint8_t> mask, MatrixView<std::int32_t> counts) {
+    std::fill(counts.data, counts.data + counts.cols, 0);
+    for (std::int64_t n = 0; n < experts.rows; ++n) {
+      if (!mask.empty() && mask.data[n] == 0) continue;
+      for (std::int64_t t = 0; t < experts.cols; ++t) ++counts.data[experts.data[n * experts.ld + t]];
+    }
+  }
+
+  static void update_bias(Ctx&, MatrixView<const std::int32_t> counts, float rate,
+                          MatrixView<Acc> bias) {
+    const int num_experts = static_cast<int>(counts.cols);
+    for (int e = 0; e < num_experts; ++e) {
+      bias.data[e] += static_cast<Acc>(balance_bias_step(counts.data, num_experts, e, rate));
+    }
+  }
+
+  static void gather_dot(Ctx&, Acc alpha, MatrixView<const T> x, MatrixView<const T> w,
+                         MatrixView<const std::int32_t> units, MatrixView<Acc> out) {
+    const auto xm = detail::eigen_map(x);
+    const auto wm = detail::eigen_map(w);
+    for (std::int64_t n = 0; n < units.rows; ++n) {
+      for (std::int64_t j = 0; j < units.cols; ++j) {
+        out.data[n * out.ld + j] = alpha * wm.row(units.data[n * units.ld + j]).dot(xm.row(n));
+      }
+    }
+  }
+
+  static void gather_axpy(Ctx&, Acc alpha, MatrixView<const Acc> coef, MatrixView<const T> w,
+                          MatrixView<const std::int32_t> units, MatrixView<T> y) {
+    const auto wm = detail::eigen_map(w);
+    auto ym = detail::eigen_map(y);
+    for (std::int64_t n = 0; n < units.rows; ++n) {
+      for (std::int64_t j = 0; j < units.cols; ++j) {
+        ym.row(n) += (alpha * coef.data[n * coef.ld + j]) * wm.row(units.data[n * units.ld + j]);
+      }
+    }
+  }
+
+  static void scatter_axpy(Ctx&, Acc alpha, MatrixView<const Acc> coef,
+                           MatrixView<const T> src, MatrixView<const std::int32_t> units,
+                           Acc beta, MatrixView<T> out) {
+    auto om = detail::eigen_map(out);
+    scale_in_place(om, beta);
+    const auto sm = detail::eigen_map(src);
+    for (std::int64_t n = 0; n < units.rows; ++n) {
+      for (std::int64_t j = 0; j < units.cols; ++j) {
+        om.row(units.data[n * units.ld + j]) += (alpha * coef.data[n * coef.ld + j]) * sm.row(n);
+      }
+    }
+  }
+
+  static void hadamard(Ctx&, MatrixView<const Acc> a, MatrixView<const Acc> b,
+                       MatrixView<Acc> out) {
+    if (out.empty()) return;
+    detail::eigen_map(out) = detail::eigen_map(a).cwiseProduct(detail::eigen_map(b));
+  }
+
+  static void densify(Ctx&, MatrixView<const std::int32_t> units, MatrixView<const Acc> values,
+                      MatrixView<Acc> dense) {
+    if (dense.empty()) return;
+    detail::eigen_map(dense).setZero();
+    for (std::int64_t n = 0; n < units.rows; ++n) {
+      for (std::int64_t j = 0; j < units.cols; ++j) {
+        dense.data[n * dense.ld + units.data[n * units.ld + j]] += values.data[n * values.ld + j];
+      }
+    }
+  }
+
+  static void gather_cols(Ctx&, MatrixView<const T> dense, MatrixView<const std::int32_t> units,
+                          MatrixView<Acc> out) {
+    for (std::int64_t n = 0; n < units.rows; ++n) {
+      for (std::int64_t j = 0; j < units.cols; ++j) {
+        out.data[n * out.ld + j] = dense.data[n * dense.ld + units.data[n * units.ld + j]];
+      }
+    }
+  }
+
+  static void scale_by(Ctx&, MatrixView<const Acc> factors, MatrixView<T> m) {
+    if (m.empty()) return;
+    detail::eigen_map(m).array() *= detail::eigen_map(factors).array();
+  }
+
+  static void column_sums(Ctx&, MatrixView<const Acc> m, MatrixView<const std::uint8_t> mask,
+                          MatrixView<Acc> out) {
+    std::fill(out.data, out.data + out.cols, Acc(0));
+    for (std::int64_t n = 0; n < m.rows; ++n) {
+      if (!mask.empty() && mask.data[n] == 0) continue;
+      for (std::int64_t e = 0; e < m.cols; ++e) out.data[e] += m.data[n * m.ld + e];
+    }
+  }
+
+  static std::int32_t read_int(Ctx&, MatrixView<const std::int32_t> v) { return v.data[0]; }
 
  private:
   template <class MapT>

@@ -1,0 +1,225 @@
+// CUDA kernels behind the routing and rank-unit primitives. The routing rule
+// itself is rankwise/core/routing.hpp, called by one thread per token.
+#pragma once
+
+#include <cstdint>
+
+#include "rankwise/core/routing.hpp"
+#include "rankwise/detail/cuda/element.cuh"
+
+namespace rankwise {
+namespace detail {
+namespace cuda {
+
+constexpr int kWarp = 32;
+
+__device__ inline float warp_sum(float v) {
+  // Fixed butterfly order: the same bits on every run.
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+static __global__ void route_kernel(RoutingRule rule, std::int64_t n, const float* logits,
+                                    std::int64_t logits_ld, const float* bias, float* scores,
+                                    std::int64_t scores_ld, std::int32_t* experts,
+                                    std::int64_t experts_ld, std::int32_t* units,
+                                    std::int64_t units_ld, float* gates, std::int64_t gates_ld,
+                                    std::int32_t* bad) {
+  const std::int64_t t = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x;
+  if (t >= n) return;
+  const bool ok = route_token(rule, logits + t * logits_ld, bias, scores + t * scores_ld,
+                              experts + t * experts_ld, units + t * units_ld,
+                              gates + t * gates_ld);
+  if (!ok) atomicAdd(bad, 1);
+}
+
+// dlogits_acc is the float scratch route_token_backward writes; the row is
+// then stored in T.
+template <class T>
+__global__ void route_backward_kernel(RoutingRule rule, std::int64_t n, const float* scores,
+                                      std::int64_t scores_ld, const float* bias,
+                                      const std::int32_t* experts, std::int64_t experts_ld,
+                                      const float* dgates, std::int64_t dgates_ld,
+                                      const float* extra, const std::uint8_t* mask,
+                                      float* dlogits_acc, std::int64_t acc_ld, T* dlogits,
+                                      std::int64_t dlogits_ld) {
+  const std::int64_t t = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x;
+  if (t >= n) return;
+  const float* x = (mask != nullptr && mask[t] == 0) ? nullptr : extra;
+  float* row = dlogits_acc + t * acc_ld;
+  route_token_backward(rule, scores + t * scores_ld, bias, experts + t * experts_ld,
+                       dgates + t * dgates_ld, x, row);
+  for (int e = 0; e < rule.num_experts; ++e) {
+    dlogits[t * dlogits_ld + e] = Element<T>::from_float(row[e]);
+  }
+}
+
+// Integer atomics: the counts are exact, so the order does not matter.
+static __global__ void count_experts_kernel(std::int64_t n, int per_token,
+                                            const std::int32_t* experts, std::int64_t ld,
+                                            const std::uint8_t* mask, std::int32_t* counts) {
+  const std::int64_t i = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x;
+  if (i >= n * per_token) return;
+  const std::int64_t t = i / per_token;
+  if (mask != nullptr && mask[t] == 0) return;
+  atomicAdd(counts + experts[t * ld + i % per_token], 1);
+}
+
+static __global__ void update_bias_kernel(const std::int32_t* counts, int num_experts, float rate,
+                                          float* bias) {
+  const int e = blockIdx.x * blockDim.x + threadIdx.x;
+  if (e < num_experts) bias[e] += balance_bias_step(counts, num_experts, e, rate);
+}
+
+static __global__ void aux_loss_grad_kernel(const std::int32_t* counts, int num_experts,
+                                            int per_token, float coef, float* extra) {
+  const int e = blockIdx.x * blockDim.x + threadIdx.x;
+  if (e < num_experts) {
+    extra[e] = static_cast<float>(switch_aux_dscore(counts, num_experts, e, per_token, coef));
+  }
+}
+
+static __global__ void check_units_kernel(std::int64_t n, std::int64_t k,
+                                          const std::int32_t* units, std::int64_t ld,
+                                          std::int64_t num_units, std::int32_t* bad) {
+  const std::int64_t i = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x;
+  if (i >= n * k) return;
+  const std::int32_t u = units[(i / k) * ld + i % k];
+  if (u < 0 || u >= num_units) atomicAdd(bad, 1);
+}
+
+// One warp per (token, slot): out = alpha * w[unit] · x[token].
+template <class T>
+__global__ void gather_dot_kernel(float alpha, std::int64_t n, std::int64_t k, std::int64_t d,
+                                  const T* x, std::int64_t x_ld, const T* w, std::int64_t w_ld,
+                                  const std::int32_t* units, std::int64_t units_ld, float* out,
+                                  std::int64_t out_ld) {
+  const std::int64_t pair = (blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x) / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (pair >= n * k) return;
+  const std::int64_t t = pair / k, j = pair % k;
+  const T* xr = x + t * x_ld;
+  const T* wr = w + std::int64_t(units[t * units_ld + j]) * w_ld;
+  float acc = 0.0f;
+  for (std::int64_t c = lane; c < d; c += kWarp) {
+    acc += Element<T>::to_float(wr[c]) * Element<T>::to_float(xr[c]);
+  }
+  acc = warp_sum(acc);
+  if (lane == 0) out[t * out_ld + j] = alpha * acc;
+}
+
+// One block per token, threads across columns: y[t] += alpha Σ_j coef[t][j] w[unit_j].
+template <class T>
+__global__ void gather_axpy_kernel(float alpha, std::int64_t k, std::int64_t d,
+                                   const float* coef, std::int64_t coef_ld, const T* w,
+                                   std::int64_t w_ld, const std::int32_t* units,
+                                   std::int64_t units_ld, T* y, std::int64_t y_ld) {
+  const std::int64_t t = blockIdx.x;
+  for (std::int64_t c = threadIdx.x; c < d; c += blockDim.x) {
+    float acc = 0.0f;
+    for (std::int64_t j = 0; j < k; ++j) {
+      const std::int64_t u = units[t * units_ld + j];
+      acc += coef[t * coef_ld + j] * Element<T>::to_float(w[u * w_ld + c]);
+    }
+    T& out = y[t * y_ld + c];
+    out = Element<T>::from_float(Element<T>::to_float(out) + alpha * acc);
+  }
+}
+
+// Block (column tile, unit): sums the (token, slot) pairs that chose the unit
+// in token order, so the result does not depend on scheduling. Indices are
+// staged through shared memory a tile at a time.
+template <class T>
+__global__ void scatter_axpy_kernel(float alpha, std::int64_t n, std::int64_t k, std::int64_t d,
+                                    const float* coef, std::int64_t coef_ld, const T* src,
+                                    std::int64_t src_ld, const std::int32_t* units,
+                                    std::int64_t units_ld, float beta, T* out,
+                                    std::int64_t out_ld) {
+  constexpr int kStage = 256;
+  __shared__ std::int32_t stage_unit[kStage];
+  __shared__ float stage_coef[kStage];
+  const std::int64_t unit = blockIdx.y;
+  const std::int64_t c = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x;
+  float acc = 0.0f;
+  for (std::int64_t base = 0; base < n * k; base += kStage) {
+    __syncthreads();
+    for (int s = threadIdx.x; s < kStage; s += blockDim.x) {
+      const std::int64_t i = base + s;
+      const bool valid = i < n * k;
+      stage_unit[s] = valid ? units[(i / k) * units_ld + i % k] : -1;
+      stage_coef[s] = valid ? coef[(i / k) * coef_ld + i % k] : 0.0f;
+    }
+    __syncthreads();
+    if (c < d) {
+      for (int s = 0; s < kStage; ++s) {
+        if (stage_unit[s] == unit) {
+          const std::int64_t t = (base + s) / k;
+          acc += stage_coef[s] * Element<T>::to_float(src[t * src_ld + c]);
+        }
+      }
+    }
+  }
+  if (c < d) {
+    T& o = out[unit * out_ld + c];
+    const float old = beta == 0.0f ? 0.0f : beta * Element<T>::to_float(o);
+    o = Element<T>::from_float(old + alpha * acc);
+  }
+}
+
+static __global__ void hadamard_kernel(std::int64_t rows, std::int64_t cols, const float* a,
+                                       std::int64_t a_ld, const float* b, std::int64_t b_ld,
+                                       float* out, std::int64_t out_ld) {
+  const std::int64_t i = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x;
+  if (i >= rows * cols) return;
+  const std::int64_t r = i / cols, c = i % cols;
+  out[r * out_ld + c] = a[r * a_ld + c] * b[r * b_ld + c];
+}
+
+// One thread per token, slots in order: duplicate units in a user routing add
+// up, as they do on the sparse path.
+static __global__ void densify_kernel(std::int64_t n, std::int64_t k, const std::int32_t* units,
+                                      std::int64_t units_ld, const float* values,
+                                      std::int64_t values_ld, float* dense,
+                                      std::int64_t dense_ld) {
+  const std::int64_t t = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x;
+  if (t >= n) return;
+  for (std::int64_t j = 0; j < k; ++j) {
+    dense[t * dense_ld + units[t * units_ld + j]] += values[t * values_ld + j];
+  }
+}
+
+template <class T>
+__global__ void gather_cols_kernel(std::int64_t n, std::int64_t k, const T* dense,
+                                   std::int64_t dense_ld, const std::int32_t* units,
+                                   std::int64_t units_ld, float* out, std::int64_t out_ld) {
+  const std::int64_t i = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x;
+  if (i >= n * k) return;
+  const std::int64_t t = i / k, j = i % k;
+  out[t * out_ld + j] = Element<T>::to_float(dense[t * dense_ld + units[t * units_ld + j]]);
+}
+
+template <class T>
+__global__ void scale_by_kernel(std::int64_t rows, std::int64_t cols, const float* factors,
+                                std::int64_t f_ld, T* m, std::int64_t m_ld) {
+  const std::int64_t i = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x;
+  if (i >= rows * cols) return;
+  const std::int64_t r = i / cols, c = i % cols;
+  T& v = m[r * m_ld + c];
+  v = Element<T>::from_float(Element<T>::to_float(v) * factors[r * f_ld + c]);
+}
+
+static __global__ void column_sums_kernel(std::int64_t rows, std::int64_t cols, const float* m,
+                                          std::int64_t ld, const std::uint8_t* mask,
+                                          float* out) {
+  const std::int64_t c = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x;
+  if (c >= cols) return;
+  float acc = 0.0f;
+  for (std::int64_t r = 0; r < rows; ++r) {
+    if (mask == nullptr || mask[r] != 0) acc += m[r * ld + c];
+  }
+  out[c] = acc;
+}
+
+}  // namespace cuda
+}  // namespace detail
+}  // namespace rankwise

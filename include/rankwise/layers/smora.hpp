@@ -1,0 +1,275 @@
+// SMoRA: every rank of a LoRA is an expert; a router activates the top-k
+// ranks per token (Zhao et al., arXiv 2501.15103). group_size g > 1 routes
+// blocks of g ranks: block MoE-LoRA, the same layer.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "rankwise/backend/kernels_decl.hpp"
+#include "rankwise/core/parameter.hpp"
+#include "rankwise/core/random.hpp"
+#include "rankwise/core/router_config.hpp"
+#include "rankwise/core/tensor_map.hpp"
+#include "rankwise/layers/rank_units.hpp"
+#include "rankwise/layers/router.hpp"
+
+namespace rankwise {
+
+/// Shape and options of a Smora layer. Defaults are the paper's runs:
+/// r = 64, k = 8, alpha = 16 (scale alpha / k = 2), g = 1.
+struct SmoraConfig {
+  std::int64_t d_in = 0;
+  std::int64_t d_out = 0;
+  RouterConfig router{};  // num_units = r, top_k = k, group_size = g, ...
+  double alpha = 16.0;
+  RankUnitPath path = RankUnitPath::kAuto;
+  /// Throw on non-finite router logits (costs a stream sync on the GPU).
+  bool check_finite = true;
+  /// Loss-free balancing after every training forward (false: on request,
+  /// through update_bias()).
+  bool update_bias_every_forward = true;
+  /// Weight of the Switch auxiliary loss added in backward (0 = off; SMoRA
+  /// balances with the bias instead).
+  double aux_loss_coef = 0.0;
+
+  std::int64_t rank() const { return router.num_units; }
+  double scale() const { return alpha / static_cast<double>(router.top_k); }
+
+  void validate() const {
+    RANKWISE_CHECK(d_in > 0, "SmoraConfig.d_in must be positive, got ", d_in);
+    RANKWISE_CHECK(d_out > 0, "SmoraConfig.d_out must be positive, got ", d_out);
+    router.validate();
+    RANKWISE_CHECK(std::isfinite(alpha), "SmoraConfig.alpha must be finite, got ", alpha);
+    RANKWISE_CHECK(std::isfinite(aux_loss_coef) && aux_loss_coef >= 0.0,
+                   "SmoraConfig.aux_loss_coef must be finite and >= 0, got ", aux_loss_coef);
+  }
+};
+
+/// Whether forward keeps what backward needs and updates the balance bias.
+enum class Mode { kInference, kTraining };
+
+/// y += (alpha / k) · Σ_{i ∈ top-k ranks} gate_i · b_i (a_i · x).
+///
+/// Parameters: A (r x d_in), B (d_out x r; stored transposed), router W_r
+/// (E x d_in), balance bias b (E, not trained). T and Backend as for Lora.
+/// backward() uses the routing of the last training forward, so call them in
+/// pairs on the same x.
+template <class T, class Backend>
+class Smora {
+ public:
+  using Kernels = rankwise::Kernels<Backend, T>;
+  using Acc = accumulator_t<T>;
+
+  Smora(Context<Backend>& ctx, const SmoraConfig& config)
+      : ctx_(&ctx), config_(validated(config)),
+        a_(rank() * config.d_in), bt_(rank() * config.d_out), wr_(experts() * config.d_in),
+        bias_(experts()), grad_a_(rank() * config.d_in), grad_bt_(rank() * config.d_out),
+        grad_wr_(experts() * config.d_in), counts_(experts()) {
+    Kernels::fill(ctx, a(), 0.0);
+    Kernels::fill(ctx, bt(), 0.0);
+    Kernels::fill(ctx, wr(), 0.0);
+    rankwise::Kernels<Backend, Acc>::fill(ctx, bias(), 0.0);
+    // Counting no tokens zeroes the counts, so update_bias() before any forward is a no-op.
+    Kernels::count_experts(ctx, prefix(experts_, 0, config_.router.experts_per_token()), {},
+                           counts_.view(1, experts()));
+    zero_grad();
+  }
+
+  const SmoraConfig& config() const { return config_; }
+  double scale() const { return config_.scale(); }
+  std::int64_t rank() const { return config_.rank(); }
+  std::int64_t experts() const { return config_.router.num_experts(); }
+  std::int64_t top_k() const { return config_.router.top_k; }
+
+  /// A and W_r ~ U(±1/sqrt(d_in)), B = 0, bias = 0; same seed, same bits on
+  /// every backend.
+  void init(std::uint64_t seed) {
+    const double bound = 1.0 / std::sqrt(static_cast<double>(config_.d_in));
+    Kernels::fill_uniform(*ctx_, a(), -bound, bound, substream(seed, 0));
+    Kernels::fill_uniform(*ctx_, wr(), -bound, bound, substream(seed, 2));
+    Kernels::fill(*ctx_, bt(), 0.0);
+    rankwise::Kernels<Backend, Acc>::fill(*ctx_, bias(), 0.0);
+  }
+
+  /// y (n x d_out) += the routed delta for x (n x d_in). In training mode the
+  /// routing is kept for backward() and, unless disabled, the balance bias is
+  /// updated from this batch's counts (tokens with mask 0 do not count).
+  void forward(MatrixView<const T> x, MatrixView<T> y, Mode mode = Mode::kInference,
+               TokenMask mask = {}) {
+    route(x, mask);
+    reserve(rank_units_forward_workspace_bytes<T>(x.rows, top_k(), rank()));
+    rank_units_forward<Backend, T>(*ctx_, scale(), x, a(), bt(), routing().unit_routing(), y,
+                                   config_.path, workspace_.data(), workspace_bytes());
+    mask_ = mask;
+    if (mode == Mode::kTraining && config_.update_bias_every_forward) update_bias();
+  }
+
+  /// Gradients for the last forward on x with upstream dy (n x d_out):
+  /// grad_a(), grad_bt(), grad_wr() overwritten (added to with accumulate);
+  /// dx (n x d_in), when given, receives += ∂L/∂x through A and the router.
+  /// The gates' gradient reaches W_r only through the selected experts.
+  void backward(MatrixView<const T> x, MatrixView<const T> dy, MatrixView<T> dx = {},
+                bool accumulate = false) {
+    RANKWISE_CHECK(x.rows == routed_tokens_, "Smora::backward: x has ", x.rows,
+                   " tokens but the last forward routed ", routed_tokens_);
+    const std::int64_t n = x.rows;
+    grow(dgates_, n * top_k());
+    reserve(std::max(rank_units_backward_workspace_bytes<T>(n, top_k(), rank()),
+                     router_backward_workspace_bytes<T>(n, config_.router)));
+    MatrixView<Acc> dgates = prefix(dgates_, n, top_k());
+    rank_units_backward<Backend, T>(*ctx_, scale(), x, a(), bt(), routing().unit_routing(), dy,
+                                    dx, grad_a(), grad_bt(), dgates, accumulate, config_.path,
+                                    workspace_.data(), workspace_bytes());
+    router_backward<Backend, T>(*ctx_, config_.router, x, wr(), bias(), mask_, routing(), dgates,
+                                config_.aux_loss_coef, dx, grad_wr(), accumulate,
+                                workspace_.data(), workspace_bytes());
+  }
+
+  /// Loss-free balancing with the counts of the last forward:
+  /// b_e += u · sign(mean(c) − c_e).
+  void update_bias() {
+    router_update_bias<Backend, T>(*ctx_, config_.router, counts_.view(1, experts()), bias());
+  }
+
+  /// The routing of the last forward (backend memory). The mask given to a
+  /// training forward must stay valid until its backward.
+  RoutingBuffers<Acc> routing() {
+    const std::int64_t n = routed_tokens_ < 0 ? 0 : routed_tokens_;
+    return {prefix(scores_, n, experts()), prefix(experts_, n, config_.router.experts_per_token()),
+            prefix(units_, n, top_k()), prefix(gates_, n, top_k()), counts_.view(1, experts())};
+  }
+
+  void zero_grad() {
+    Kernels::fill(*ctx_, grad_a(), 0.0);
+    Kernels::fill(*ctx_, grad_bt(), 0.0);
+    Kernels::fill(*ctx_, grad_wr(), 0.0);
+  }
+
+  /// Internal-layout views.
+  MatrixView<T> a() { return a_.view(rank(), config_.d_in); }
+  MatrixView<T> bt() { return bt_.view(rank(), config_.d_out); }
+  MatrixView<T> wr() { return wr_.view(experts(), config_.d_in); }
+  MatrixView<Acc> bias() { return bias_.view(1, experts()); }
+  MatrixView<T> grad_a() { return grad_a_.view(rank(), config_.d_in); }
+  MatrixView<T> grad_bt() { return grad_bt_.view(rank(), config_.d_out); }
+  MatrixView<T> grad_wr() { return grad_wr_.view(experts(), config_.d_in); }
+
+  /// Trainable tensors: "lora_A", "lora_B_t", "router". The bias is state, not trained.
+  std::vector<ParameterRef<T>> parameters() {
+    return {{"lora_A", a(), grad_a()}, {"lora_B_t", bt(), grad_bt()},
+            {"router", wr(), grad_wr()}};
+  }
+  std::int64_t num_parameters() const {
+    return rank() * (config_.d_in + config_.d_out) + experts() * config_.d_in;
+  }
+
+  /// State in PEFT layout: "lora_A" (r x d_in), "lora_B" (d_out x r),
+  /// "router" (E x d_in), "bias" (E).
+  TensorMap state() {
+    TensorMap out;
+    out["lora_A"] = download(a(), {rank(), config_.d_in});
+    HostTensor bt_host = download(bt(), {rank(), config_.d_out});
+    HostTensor b{{config_.d_out, rank()}, std::vector<double>(bt_host.values.size())};
+    for (std::int64_t i = 0; i < rank(); ++i) {
+      for (std::int64_t o = 0; o < config_.d_out; ++o) {
+        b.values[o * rank() + i] = bt_host.values[i * config_.d_out + o];
+      }
+    }
+    out["lora_B"] = std::move(b);
+    out["router"] = download(wr(), {experts(), config_.d_in});
+    HostTensor bias_host{{experts()}, std::vector<double>(experts())};
+    rankwise::Kernels<Backend, Acc>::download_doubles(*ctx_, bias(), bias_host.values.data());
+    out["bias"] = std::move(bias_host);
+    return out;
+  }
+
+  /// Loads what state() saved; throws naming a missing key or a wrong shape.
+  void load_state(const TensorMap& map) {
+    const HostTensor& a_in = require_tensor(map, "lora_A", {rank(), config_.d_in});
+    const HostTensor& b_in = require_tensor(map, "lora_B", {config_.d_out, rank()});
+    const HostTensor& wr_in = require_tensor(map, "router", {experts(), config_.d_in});
+    const HostTensor& bias_in = require_tensor(map, "bias", {experts()});
+    std::vector<double> bt_values(b_in.values.size());
+    for (std::int64_t o = 0; o < config_.d_out; ++o) {
+      for (std::int64_t i = 0; i < rank(); ++i) {
+        bt_values[i * config_.d_out + o] = b_in.values[o * rank() + i];
+      }
+    }
+    Kernels::upload_doubles(*ctx_, a_in.values.data(), a());
+    Kernels::upload_doubles(*ctx_, bt_values.data(), bt());
+    Kernels::upload_doubles(*ctx_, wr_in.values.data(), wr());
+    rankwise::Kernels<Backend, Acc>::upload_doubles(*ctx_, bias_in.values.data(), bias());
+  }
+
+ private:
+  static const SmoraConfig& validated(const SmoraConfig& c) {
+    c.validate();
+    return c;
+  }
+
+  void route(MatrixView<const T> x, TokenMask mask) {
+    const std::int64_t n = x.rows;
+    grow(scores_, n * experts());
+    grow(experts_, n * config_.router.experts_per_token());
+    grow(units_, n * top_k());
+    grow(gates_, n * top_k());
+    routed_tokens_ = n;
+    reserve(router_forward_workspace_bytes<T>(n, config_.router));
+    router_forward<Backend, T>(*ctx_, config_.router, x, wr(), bias(), mask, routing(),
+                               config_.check_finite, workspace_.data(), workspace_bytes());
+  }
+
+  // Buffers grow and never shrink, so steady-state calls allocate nothing;
+  // views cover the first rows * cols elements.
+  template <class U>
+  static void grow(Buffer<Backend, U>& buffer, std::int64_t size) {
+    if (size > buffer.size()) buffer.resize(size);
+  }
+  template <class U>
+  static MatrixView<U> prefix(Buffer<Backend, U>& buffer, std::int64_t rows, std::int64_t cols) {
+    return MatrixView<U>(buffer.data(), rows, cols, Backend::kMemorySpace);
+  }
+
+  HostTensor download(MatrixView<T> v, std::vector<std::int64_t> shape) {
+    HostTensor t{std::move(shape), std::vector<double>(v.rows * v.cols)};
+    Kernels::download_doubles(*ctx_, v, t.values.data());
+    return t;
+  }
+
+  void reserve(std::size_t bytes) {
+    const auto words = ceil_div(static_cast<std::int64_t>(bytes),
+                                static_cast<std::int64_t>(sizeof(WorkspaceWord)));
+    if (words > workspace_.size()) workspace_.resize(words);
+  }
+  std::size_t workspace_bytes() const {
+    return static_cast<std::size_t>(workspace_.size()) * sizeof(WorkspaceWord);
+  }
+  struct alignas(kWorkspaceAlignment) WorkspaceWord {
+    unsigned char bytes[kWorkspaceAlignment];
+  };
+
+  Context<Backend>* ctx_;
+  SmoraConfig config_;
+  Buffer<Backend, T> a_;          // (r, d_in)
+  Buffer<Backend, T> bt_;         // (r, d_out)
+  Buffer<Backend, T> wr_;         // (E, d_in)
+  Buffer<Backend, Acc> bias_;     // (E)
+  Buffer<Backend, T> grad_a_;     // (r, d_in)
+  Buffer<Backend, T> grad_bt_;    // (r, d_out)
+  Buffer<Backend, T> grad_wr_;    // (E, d_in)
+  Buffer<Backend, std::int32_t> counts_;   // (E)
+  Buffer<Backend, Acc> scores_;            // (n, E)
+  Buffer<Backend, std::int32_t> experts_;  // (n, k/g)
+  Buffer<Backend, std::int32_t> units_;    // (n, k)
+  Buffer<Backend, Acc> gates_;             // (n, k)
+  Buffer<Backend, Acc> dgates_;            // (n, k)
+  Buffer<Backend, WorkspaceWord> workspace_;
+  std::int64_t routed_tokens_ = -1;  // tokens of the last forward; -1 before any
+  TokenMask mask_{};
+};
+
+}  // namespace rankwise
