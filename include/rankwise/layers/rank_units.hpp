@@ -52,6 +52,30 @@ void check_unit_routing(const char* fn, const UnitRouting<Acc>& routing, std::in
 
 }  // namespace detail
 
+/// Workspace bytes for check_unit_routing.
+inline std::size_t check_unit_routing_workspace_bytes() {
+  return workspace_block_bytes<std::int32_t>(1, 1);
+}
+
+/// Validates a routing supplied by the caller for n tokens over r units:
+/// shapes, memory space, and every index in [0, r). Throws rankwise::error
+/// with the number of bad indices. On the GPU the index check reads one int
+/// back (a stream synchronisation).
+template <class Backend, class T>
+void check_unit_routing(Context<Backend>& ctx, const UnitRouting<accumulator_t<T>>& routing,
+                        std::int64_t n, std::int64_t rank, void* workspace,
+                        std::size_t workspace_bytes) {
+  using K = Kernels<Backend, T>;
+  detail::check_unit_routing<Backend, T>("check_unit_routing", routing, n, rank);
+  WorkspaceCarver carve(workspace, workspace_bytes, Backend::kMemorySpace, "check_unit_routing");
+  MatrixView<std::int32_t> bad = carve.take<std::int32_t>(1, 1);
+  K::check_units(ctx, routing.units, rank, bad);
+  const std::int32_t out_of_range = K::read_int(ctx, bad);
+  RANKWISE_CHECK(out_of_range == 0, "routing: ", out_of_range, " of ", routing.units.size(),
+                 " unit indices in units ", shape_of(routing.units), " are outside [0, r = ",
+                 rank, ")");
+}
+
 /// Workspace bytes for rank_units_forward with n tokens, k units per token, rank r.
 template <class T>
 std::size_t rank_units_forward_workspace_bytes(std::int64_t n, std::int64_t k, std::int64_t r) {

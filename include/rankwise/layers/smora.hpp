@@ -108,6 +108,18 @@ class Smora {
     if (mode == Mode::kTraining && config_.update_bias_every_forward) update_bias();
   }
 
+  /// y += the delta for x under a routing the caller supplies (units and
+  /// gates, n x k, backend memory), bypassing the router: for engines that
+  /// route once and apply many adapters. Every index is checked to be in [0, r).
+  void forward(MatrixView<const T> x, UnitRouting<Acc> routing, MatrixView<T> y) {
+    reserve(std::max(check_unit_routing_workspace_bytes(),
+                     rank_units_forward_workspace_bytes<T>(x.rows, routing.units.cols, rank())));
+    check_unit_routing<Backend, T>(*ctx_, routing, x.rows, rank(), workspace_.data(),
+                                   workspace_bytes());
+    rank_units_forward<Backend, T>(*ctx_, scale(), x, a(), bt(), routing, y, config_.path,
+                                   workspace_.data(), workspace_bytes());
+  }
+
   /// Gradients for the last forward on x with upstream dy (n x d_out):
   /// grad_a(), grad_bt(), grad_wr() overwritten (added to with accumulate);
   /// dx (n x d_in), when given, receives += ∂L/∂x through A and the router.
