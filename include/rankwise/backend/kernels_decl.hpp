@@ -51,7 +51,11 @@ struct dependent_false {
 ///       counts (1 x E, int32) = assignments per expert over tokens whose mask
 ///       (1 x n, uint8) is nonzero; an empty mask counts every token
 ///   update_bias(ctx, counts, rate, bias)     bias_e += balance_bias_step(...)
-///   gather_dot(ctx, x, w, units, out)        out[n][j] = w[units[n][j]] · x[n]
+///   gather_dot(ctx, alpha, x, w, units, out, beta = 0)
+///       out[n][j] = alpha * (w[units[n][j]] · x[n]) + beta * out[n][j]
+///
+/// Unit views (units, and the index lists of shard layers) may have ld = 0:
+/// every token then uses the same row of indices.
 ///   gather_axpy(ctx, alpha, coef, w, units, y)
 ///       y[n] += alpha * Σ_j coef[n][j] * w[units[n][j]]
 ///   scatter_axpy(ctx, alpha, coef, src, units, beta, out)
@@ -67,6 +71,7 @@ struct dependent_false {
 ///   aux_loss_grad(ctx, counts, k/g, coef, extra)   extra_e = switch_aux_dscore(...)
 ///   check_units(ctx, units, r, bad)          bad (1 x 1) = number of units outside [0, r)
 ///   upload_doubles / download_doubles        as upload / download, host side in double
+///   upload_indices(ctx, host, dst)           int32 host array into a (rows x cols) int32 view
 ///   prefer_dense(n, k, r)                    this backend's measured crossover
 ///
 /// Empty operands are legal and do nothing (except gemm with an empty inner

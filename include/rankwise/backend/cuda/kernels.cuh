@@ -185,6 +185,15 @@ struct Kernels<CudaBackend, T> {
 
   static void synchronize(Ctx& ctx) { ctx.synchronize(); }
 
+  static void upload_indices(Ctx& ctx, const std::int32_t* host, MatrixView<std::int32_t> dst) {
+    if (dst.empty()) return;
+    RANKWISE_CUDA_CHECK(cudaMemcpy2DAsync(dst.data, dst.ld * sizeof(std::int32_t), host,
+                                          dst.cols * sizeof(std::int32_t),
+                                          dst.cols * sizeof(std::int32_t), dst.rows,
+                                          cudaMemcpyHostToDevice, ctx.stream()));
+    ctx.synchronize();
+  }
+
   // ---- rank-unit primitives ----
 
   static void gemm_acc(Ctx& ctx, Acc alpha, MatrixView<const T> a, Op op_a,
@@ -267,12 +276,13 @@ struct Kernels<CudaBackend, T> {
   }
 
   static void gather_dot(Ctx& ctx, Acc alpha, MatrixView<const T> x, MatrixView<const T> w,
-                         MatrixView<const std::int32_t> units, MatrixView<Acc> out) {
+                         MatrixView<const std::int32_t> units, MatrixView<Acc> out,
+                         Acc beta = 0.0f) {
     if (units.empty()) return;
     const std::int64_t threads = units.size() * detail::cuda::kWarp;
     detail::cuda::gather_dot_kernel<T><<<blocks(threads), kBlock, 0, ctx.stream()>>>(
         alpha, units.rows, units.cols, x.cols, x.data, x.ld, w.data, w.ld, units.data, units.ld,
-        out.data, out.ld);
+        out.data, out.ld, beta);
     RANKWISE_CUDA_LAUNCH_CHECK();
   }
 

@@ -99,6 +99,12 @@ struct Kernels<CpuBackend, T> {
 
   static void synchronize(Ctx&) {}
 
+  static void upload_indices(Ctx&, const std::int32_t* host, MatrixView<std::int32_t> dst) {
+    for (std::int64_t i = 0; i < dst.rows; ++i) {
+      std::memcpy(dst.data + i * dst.ld, host + i * dst.cols, sizeof(std::int32_t) * dst.cols);
+    }
+  }
+
   // ---- rank-unit primitives ----
 
   static void gemm_acc(Ctx& ctx, Acc alpha, MatrixView<const T> a, Op op_a,
@@ -199,12 +205,15 @@ struct Kernels<CpuBackend, T> {
   }
 
   static void gather_dot(Ctx&, Acc alpha, MatrixView<const T> x, MatrixView<const T> w,
-                         MatrixView<const std::int32_t> units, MatrixView<Acc> out) {
+                         MatrixView<const std::int32_t> units, MatrixView<Acc> out,
+                         Acc beta = Acc(0)) {
     const auto xm = detail::eigen_map(x);
     const auto wm = detail::eigen_map(w);
     for (std::int64_t n = 0; n < units.rows; ++n) {
       for (std::int64_t j = 0; j < units.cols; ++j) {
-        out.data[n * out.ld + j] = alpha * wm.row(units.data[n * units.ld + j]).dot(xm.row(n));
+        Acc& o = out.data[n * out.ld + j];
+        const Acc dot = wm.row(units.data[n * units.ld + j]).dot(xm.row(n));
+        o = beta == Acc(0) ? alpha * dot : alpha * dot + beta * o;
       }
     }
   }

@@ -88,12 +88,12 @@ static __global__ void check_units_kernel(std::int64_t n, std::int64_t k,
   if (u < 0 || u >= num_units) atomicAdd(bad, 1);
 }
 
-// One warp per (token, slot): out = alpha * w[unit] · x[token].
+// One warp per (token, slot): out = alpha * w[unit] · x[token] + beta * out.
 template <class T>
 __global__ void gather_dot_kernel(float alpha, std::int64_t n, std::int64_t k, std::int64_t d,
                                   const T* x, std::int64_t x_ld, const T* w, std::int64_t w_ld,
                                   const std::int32_t* units, std::int64_t units_ld, float* out,
-                                  std::int64_t out_ld) {
+                                  std::int64_t out_ld, float beta) {
   const std::int64_t pair = (blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x) / kWarp;
   const int lane = threadIdx.x % kWarp;
   if (pair >= n * k) return;
@@ -105,7 +105,10 @@ __global__ void gather_dot_kernel(float alpha, std::int64_t n, std::int64_t k, s
     acc += Element<T>::to_float(wr[c]) * Element<T>::to_float(xr[c]);
   }
   acc = warp_sum(acc);
-  if (lane == 0) out[t * out_ld + j] = alpha * acc;
+  if (lane == 0) {
+    float& o = out[t * out_ld + j];
+    o = beta == 0.0f ? alpha * acc : alpha * acc + beta * o;
+  }
 }
 
 // One block per token, threads across columns: y[t] += alpha Σ_j coef[t][j] w[unit_j].
