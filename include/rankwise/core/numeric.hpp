@@ -1,6 +1,7 @@
 // Accumulation types and integer helpers shared by host and device code.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #include "rankwise/core/config.hpp"
