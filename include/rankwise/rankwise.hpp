@@ -20,6 +20,7 @@
 #include "rankwise/core/tensor_map.hpp"
 #include "rankwise/core/tiling.hpp"
 #include "rankwise/core/workspace.hpp"
+#include "rankwise/layers/lego.hpp"
 #include "rankwise/layers/lora.hpp"
 #include "rankwise/layers/lora_ops.hpp"
 #include "rankwise/layers/mos.hpp"
