@@ -6,6 +6,7 @@
 #include "rankwise/backend/eigen/kernels.hpp"
 #include "rankwise/backend/kernels_decl.hpp"
 #include "rankwise/backend/tags.hpp"
+#include "rankwise/core/adam_rule.hpp"
 #include "rankwise/core/config.hpp"
 #include "rankwise/core/error.hpp"
 #include "rankwise/core/lora_config.hpp"
@@ -28,3 +29,4 @@
 #include "rankwise/layers/router.hpp"
 #include "rankwise/layers/shard_pool.hpp"
 #include "rankwise/layers/smora.hpp"
+#include "rankwise/optim/adam.hpp"

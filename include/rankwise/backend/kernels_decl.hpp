@@ -74,6 +74,12 @@ struct dependent_false {
 ///   upload_indices(ctx, host, dst)           int32 host array into a (rows x cols) int32 view
 ///   prefer_dense(n, k, r)                    this backend's measured crossover
 ///
+/// Optimiser primitives (m, v, norm_sq in Acc):
+///   sum_squares(ctx, m, out)                 out (1 x 1) += Σ m², in a fixed order
+///   adam(ctx, step, param, grad, m, v, norm_sq)
+///       adam_update (rankwise/core/adam_rule.hpp) per element; norm_sq (1 x 1)
+///       is the squared global gradient norm for clipping, or empty
+///
 /// Empty operands are legal and do nothing (except gemm with an empty inner
 /// dimension, which scales c by beta).
 template <class Backend, class T>

@@ -349,6 +349,22 @@ struct Kernels<CudaBackend, T> {
     RANKWISE_CUDA_LAUNCH_CHECK();
   }
 
+  static void sum_squares(Ctx& ctx, MatrixView<const T> m, MatrixView<Acc> out) {
+    if (m.empty()) return;
+    detail::cuda::sum_squares_kernel<T><<<1, 1024, 0, ctx.stream()>>>(m.rows, m.cols, m.data,
+                                                                     m.ld, out.data);
+    RANKWISE_CUDA_LAUNCH_CHECK();
+  }
+
+  static void adam(Ctx& ctx, const AdamStep& step, MatrixView<T> param, MatrixView<const T> grad,
+                   MatrixView<Acc> m, MatrixView<Acc> v, MatrixView<const Acc> norm_sq) {
+    if (param.empty()) return;
+    detail::cuda::adam_kernel<T><<<blocks(param.size()), kBlock, 0, ctx.stream()>>>(
+        step, param.rows, param.cols, param.data, param.ld, grad.data, grad.ld, m.data, m.ld,
+        v.data, v.ld, norm_sq.empty() ? nullptr : norm_sq.data);
+    RANKWISE_CUDA_LAUNCH_CHECK();
+  }
+
   static std::int32_t read_int(Ctx& ctx, MatrixView<const std::int32_t> v) {
     std::int32_t host = 0;
     RANKWISE_CUDA_CHECK(cudaMemcpyAsync(&host, v.data, sizeof(host), cudaMemcpyDeviceToHost,

@@ -10,6 +10,7 @@
 #include "rankwise/backend/eigen/buffer.hpp"
 #include "rankwise/backend/eigen/context.hpp"
 #include "rankwise/backend/kernels_decl.hpp"
+#include "rankwise/core/adam_rule.hpp"
 #include "rankwise/core/random.hpp"
 #include "rankwise/core/routing.hpp"
 
@@ -283,6 +284,25 @@ struct Kernels<CpuBackend, T> {
   }
 
   static std::int32_t read_int(Ctx&, MatrixView<const std::int32_t> v) { return v.data[0]; }
+
+  // ---- optimiser primitives ----
+
+  static void sum_squares(Ctx&, MatrixView<const T> m, MatrixView<Acc> out) {
+    if (!m.empty()) out.data[0] += detail::eigen_map(m).squaredNorm();
+  }
+
+  static void adam(Ctx&, const AdamStep& step, MatrixView<T> param, MatrixView<const T> grad,
+                   MatrixView<Acc> m, MatrixView<Acc> v, MatrixView<const Acc> norm_sq) {
+    const Acc clip = norm_sq.empty() ? Acc(1) : clip_factor<Acc>(step, norm_sq.data[0]);
+    for (std::int64_t i = 0; i < param.rows; ++i) {
+      for (std::int64_t j = 0; j < param.cols; ++j) {
+        Acc p = param.data[i * param.ld + j];
+        adam_update<Acc>(step, clip, grad.data[i * grad.ld + j], p, m.data[i * m.ld + j],
+                         v.data[i * v.ld + j]);
+        param.data[i * param.ld + j] = static_cast<T>(p);
+      }
+    }
+  }
 
  private:
   template <class MapT>

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 
+#include "rankwise/core/adam_rule.hpp"
 #include "rankwise/core/routing.hpp"
 #include "rankwise/detail/cuda/element.cuh"
 
@@ -221,6 +222,40 @@ static __global__ void column_sums_kernel(std::int64_t rows, std::int64_t cols, 
     if (mask == nullptr || mask[r] != 0) acc += m[r * ld + c];
   }
   out[c] = acc;
+}
+
+// One block, a fixed stride per thread and a fixed reduction tree: the same
+// bits on every run (atomics would not be).
+template <class T>
+__global__ void sum_squares_kernel(std::int64_t rows, std::int64_t cols, const T* m,
+                                   std::int64_t ld, float* out) {
+  __shared__ float partial[1024];
+  float acc = 0.0f;
+  for (std::int64_t e = threadIdx.x; e < rows * cols; e += blockDim.x) {
+    const float v = Element<T>::to_float(m[(e / cols) * ld + e % cols]);
+    acc += v * v;
+  }
+  partial[threadIdx.x] = acc;
+  __syncthreads();
+  for (int half = blockDim.x / 2; half > 0; half /= 2) {
+    if (threadIdx.x < half) partial[threadIdx.x] += partial[threadIdx.x + half];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) out[0] += partial[0];
+}
+
+template <class T>
+__global__ void adam_kernel(AdamStep step, std::int64_t rows, std::int64_t cols, T* param,
+                            std::int64_t p_ld, const T* grad, std::int64_t g_ld, float* m,
+                            std::int64_t m_ld, float* v, std::int64_t v_ld, const float* norm_sq) {
+  const std::int64_t e = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x;
+  if (e >= rows * cols) return;
+  const std::int64_t r = e / cols, c = e % cols;
+  const float clip = norm_sq == nullptr ? 1.0f : clip_factor<float>(step, norm_sq[0]);
+  float p = Element<T>::to_float(param[r * p_ld + c]);
+  adam_update<float>(step, clip, Element<T>::to_float(grad[r * g_ld + c]), p, m[r * m_ld + c],
+                     v[r * v_ld + c]);
+  param[r * p_ld + c] = Element<T>::from_float(p);
 }
 
 }  // namespace cuda
