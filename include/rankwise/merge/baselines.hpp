@@ -72,11 +72,22 @@ inline LoraFactors merge_svd(const MergeInput& in, std::int64_t k,
                              const std::string& module = "") {
   RANKWISE_CHECK(k >= 1, "svd merge of module '", module, "': rank k must be >= 1, got ", k);
   const LoraFactors sum = merge_sum(in, module);
-  Eigen::MatrixXd qb, rb, qa, ra;
-  detail::thin_qr(sum.b, qb, rb);
-  detail::thin_qr(sum.a.transpose(), qa, ra);
+  const Eigen::HouseholderQR<Eigen::MatrixXd> qr_b(sum.b), qr_a(sum.a.transpose());
+  const Eigen::Index cb = std::min(sum.b.rows(), sum.b.cols());
+  const Eigen::Index ca = std::min(sum.a.cols(), sum.a.rows());
+  const Eigen::MatrixXd rb = qr_b.matrixQR().topRows(cb).triangularView<Eigen::Upper>();
+  const Eigen::MatrixXd ra = qr_a.matrixQR().topRows(ca).triangularView<Eigen::Upper>();
   Eigen::BDCSVD<Eigen::MatrixXd> svd(rb * ra.transpose(), Eigen::ComputeThinU | Eigen::ComputeThinV);
-  return detail::factors_from_svd(qb * svd.matrixU(), svd.singularValues(), qa * svd.matrixV(), k);
+  // Only the k leading singular vectors are lifted back through the
+  // Householder reflectors: O(d · R · k) instead of forming Q (O(d · R²)).
+  const Eigen::Index keep = std::min<Eigen::Index>(k, svd.singularValues().size());
+  Eigen::MatrixXd ub = Eigen::MatrixXd::Zero(sum.b.rows(), keep);
+  Eigen::MatrixXd va = Eigen::MatrixXd::Zero(sum.a.cols(), keep);
+  ub.topRows(cb) = svd.matrixU().leftCols(keep);
+  va.topRows(ca) = svd.matrixV().leftCols(keep);
+  ub.applyOnTheLeft(qr_b.householderQ());
+  va.applyOnTheLeft(qr_a.householderQ());
+  return detail::factors_from_svd(ub, svd.singularValues().head(keep), va, k);
 }
 
 /// How TIES elects the sign of each entry.
