@@ -513,8 +513,10 @@ inline void check_module(const LoraModule& m, ScaleRule rule) {
                  ": lora_A has shape ", shape_string(m.a.shape), ", expected (", m.rank, " x d_in)");
   RANKWISE_CHECK(m.b.shape.size() == 2 && m.b.shape[1] == m.rank && m.b.shape[0] > 0, at,
                  ": lora_B has shape ", shape_string(m.b.shape), ", expected (d_out x ", m.rank, ")");
-  RANKWISE_CHECK(static_cast<std::int64_t>(m.a.values.size()) == m.a.numel() &&
-                     static_cast<std::int64_t>(m.b.values.size()) == m.b.numel(),
+  const auto a_numel = checked_numel(m.a.shape);
+  const auto b_numel = checked_numel(m.b.shape);
+  RANKWISE_CHECK(a_numel && b_numel && static_cast<std::int64_t>(m.a.values.size()) == *a_numel &&
+                     static_cast<std::int64_t>(m.b.values.size()) == *b_numel,
                  at, ": lora_A holds ", m.a.values.size(), " values and lora_B ", m.b.values.size(),
                  " for shapes ", shape_string(m.a.shape), " and ", shape_string(m.b.shape));
   RANKWISE_CHECK(std::isfinite(m.alpha), at, ": alpha must be finite, got ", m.alpha);

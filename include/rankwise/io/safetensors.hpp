@@ -2,6 +2,7 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstddef>
@@ -414,6 +415,8 @@ inline ParsedHeader parse_header(const std::string& label, const std::string& te
     RANKWISE_CHECK_CODE(false, ErrorCode::kIo, where, ": header is not valid JSON (", e.what(), ")");
   }
   if (duplicate) {
+    RANKWISE_CHECK_CODE(duplicate_parent != "__metadata__", ErrorCode::kIo, where,
+                        ": duplicate key \"", *duplicate, "\" in __metadata__");
     RANKWISE_CHECK_CODE(duplicate_parent.empty(), ErrorCode::kIo,
                         tensor_where(label, duplicate_parent), ": duplicate key \"", *duplicate,
                         "\" in its header entry");
@@ -690,7 +693,7 @@ inline PreparedFile prepare_file(const SafetensorsFile& file) {
 // A name for a temporary sibling of `target` that no other writer picks.
 inline std::filesystem::path temporary_sibling(const std::filesystem::path& target,
                                                const char* tag) {
-  static unsigned counter = 0;
+  static std::atomic<unsigned> counter{0};
   const auto ticks = static_cast<unsigned long long>(
       std::chrono::steady_clock::now().time_since_epoch().count());
   const auto mix = ticks ^ (static_cast<unsigned long long>(++counter) << 48) ^
@@ -788,7 +791,8 @@ inline HostTensor to_host_tensor(const SafetensorsTensor& tensor, const std::str
   RANKWISE_CHECK(numel.has_value(), "safetensors: tensor \"", name, "\" has invalid shape ",
                  detail::shape_string(tensor.shape));
   const int width = dtype_bits(tensor.dtype) / 8;
-  RANKWISE_CHECK(tensor.data.size() == static_cast<std::uint64_t>(*numel) * width,
+  const auto bytes = detail::checked_bytes(*numel, tensor.dtype);
+  RANKWISE_CHECK(bytes.has_value() && tensor.data.size() == *bytes,
                  "safetensors: tensor \"", name, "\" holds ", tensor.data.size(),
                  " bytes for shape ", detail::shape_string(tensor.shape), " in ",
                  dtype_name(tensor.dtype));

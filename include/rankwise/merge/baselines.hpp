@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <numeric>
 #include <string>
 #include <vector>
@@ -107,15 +108,30 @@ inline void magnitude_prune(Eigen::MatrixXd& m, double density) {
   const Eigen::Index numel = m.size();
   const auto keep = static_cast<Eigen::Index>(density * static_cast<double>(numel));
   if (keep >= numel) return;
-  std::vector<Eigen::Index> idx(static_cast<std::size_t>(numel));
-  std::iota(idx.begin(), idx.end(), Eigen::Index(0));
   double* data = m.data();
-  auto larger = [&](Eigen::Index x, Eigen::Index y) {
-    const double ax = std::abs(data[x]), ay = std::abs(data[y]);
-    return ax != ay ? ax > ay : x < y;
-  };
-  if (keep > 0) std::nth_element(idx.begin(), idx.begin() + (keep - 1), idx.end(), larger);
-  for (Eigen::Index i = keep; i < numel; ++i) data[idx[i]] = 0.0;
+  if (keep == 0) {
+    std::fill(data, data + numel, 0.0);
+    return;
+  }
+  // The keep-th largest magnitude by selection, then every larger entry and,
+  // in index order, as many entries equal to it as there is room for.
+  std::vector<double> magnitude(static_cast<std::size_t>(numel));
+  for (Eigen::Index i = 0; i < numel; ++i) magnitude[i] = std::abs(data[i]);
+  std::nth_element(magnitude.begin(), magnitude.begin() + (keep - 1), magnitude.end(),
+                   std::greater<double>());
+  const double threshold = magnitude[keep - 1];
+  Eigen::Index above = 0;
+  for (Eigen::Index i = 0; i < numel; ++i) above += std::abs(data[i]) > threshold ? 1 : 0;
+  Eigen::Index room = keep - above;
+  for (Eigen::Index i = 0; i < numel; ++i) {
+    const double a = std::abs(data[i]);
+    if (a > threshold) continue;
+    if (a == threshold && room > 0) {
+      --room;
+      continue;
+    }
+    data[i] = 0.0;
+  }
 }
 
 // Rank-k truncated SVD of a dense matrix: exact (BDCSVD) when small, else a

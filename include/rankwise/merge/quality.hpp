@@ -19,8 +19,8 @@ inline double frobenius_inner(const LoraFactors& x, const LoraFactors& y) {
 struct MergeQuality {
   /// ‖ΔW_merged − Σ_t w_t ΔW_t‖_F / ‖Σ_t w_t ΔW_t‖_F
   double relative_error = 0.0;
-  /// Per source t: ⟨ΔW_merged, w_t ΔW_t⟩ / ‖w_t ΔW_t‖² — the share of ΔW_t the
-  /// merge keeps along its own direction (1: all of it).
+  /// Per source t: ⟨ΔW_merged, w_t ΔW_t⟩ / ⟨Σ_u w_u ΔW_u, w_t ΔW_t⟩ — how much of
+  /// what the exact sum holds along ΔW_t the merge keeps (1: as much as the sum).
   std::vector<double> kept;
 };
 
@@ -40,8 +40,9 @@ inline MergeQuality merge_quality(const MergeInput& in, const LoraFactors& merge
   MergeQuality q;
   q.relative_error = target > 0 ? std::sqrt(std::max(error2, 0.0) / target) : 0.0;
   for (const auto& w : weighted) {
-    const double self = frobenius_inner(w, w);
-    q.kept.push_back(self > 0 ? frobenius_inner(merged, w) / self : 0.0);
+    double along = 0.0;  // ⟨Σ_u w_u ΔW_u, w_t ΔW_t⟩
+    for (const auto& u : weighted) along += frobenius_inner(u, w);
+    q.kept.push_back(along != 0.0 ? frobenius_inner(merged, w) / along : 0.0);
   }
   return q;
 }

@@ -1,0 +1,183 @@
+// Merging 7 rank-16 adapters over the 224 modules of a 7B model (4096 x 4096,
+// attention and MLP), synthetic factors generated here, with every method on
+// 2 threads; prints wall time per method and the quality report of each.
+//
+//   ./build/bench/bench_merge            full size (about a minute per method)
+//   ./build/bench/bench_merge --quick    16 modules of 1024 x 1024: a smoke run
+//
+// TIES works on dense d_out x d_in matrices (7 of them per module, then a
+// randomized SVD); at full size it is timed on a subset of modules and
+// extrapolated, which the table says.
+#include <benchmark/benchmark.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <rankwise/core/random.hpp>
+#include <rankwise/merge/merge_modules.hpp>
+#include <string>
+#include <vector>
+
+namespace merge = rankwise::merge;
+
+namespace {
+
+struct Problem {
+  std::int64_t modules = 224, d = 4096, adapters = 7, rank = 16, k = 16;
+  std::int64_t ties_modules = 4;  // TIES is timed on this many modules
+  int threads = 2;
+};
+
+// Each module's adapters share a few directions (what merging should keep)
+// and add their own: a_{t,i} = Σ_s c s_s + own noise, likewise b.
+merge::MergeInput synthetic_module(const Problem& p, std::int64_t module) {
+  const std::uint64_t seed = rankwise::substream(2026, static_cast<std::uint64_t>(module));
+  std::uint64_t counter = 0;
+  auto u = [&] { return rankwise::uniform(seed, counter++, -1.0, 1.0); };
+  const std::int64_t shared = 8;
+  Eigen::MatrixXd sa(shared, p.d), sb(p.d, shared);
+  for (Eigen::Index i = 0; i < sa.size(); ++i) sa.data()[i] = u();
+  for (Eigen::Index i = 0; i < sb.size(); ++i) sb.data()[i] = u();
+  const double bound = 1.0 / std::sqrt(static_cast<double>(p.d));
+  merge::MergeInput in;
+  for (std::int64_t t = 0; t < p.adapters; ++t) {
+    merge::LoraFactors f;
+    f.a.resize(p.rank, p.d);
+    f.b.resize(p.d, p.rank);
+    for (std::int64_t i = 0; i < p.rank; ++i) {
+      const std::int64_t s = (i + t) % shared;
+      for (std::int64_t c = 0; c < p.d; ++c) {
+        f.a(i, c) = bound * (sa(s, c) + 0.5 * u());
+        f.b(c, i) = 0.01 * (sb(c, s) + 0.5 * u());
+      }
+    }
+    f.scale = 2.0;  // alpha 32 / r 16
+    in.sources.push_back(std::move(f));
+  }
+  return in;
+}
+
+struct Row {
+  std::string method;
+  double seconds = 0.0;  // for all modules (extrapolated when `extrapolated`)
+  bool extrapolated = false;
+  double error = 0.0;    // mean relative error over the modules merged
+  std::vector<double> kept;
+};
+
+std::vector<std::string> g_names;
+std::vector<merge::MergeInput> g_inputs;
+Problem g_problem;
+std::vector<Row> g_rows;
+
+void run_method(benchmark::State& state, merge::MergeMethod method) {
+  merge::MergeOptions options;
+  options.method = method;
+  options.rank = g_problem.k;
+  options.threads = g_problem.threads;
+  options.ties.density = 0.2;
+  const bool subset = method == merge::MergeMethod::kTies && g_problem.ties_modules < g_problem.modules;
+  std::vector<std::string> names(g_names.begin(), g_names.begin() + (subset ? g_problem.ties_modules : g_problem.modules));
+  std::vector<merge::MergeInput> inputs(g_inputs.begin(), g_inputs.begin() + static_cast<std::ptrdiff_t>(names.size()));
+  std::vector<merge::ModuleMerge> result;
+  for (auto _ : state) {
+    result = merge::merge_modules(names, inputs, options);
+    benchmark::DoNotOptimize(result.data());
+  }
+  Row row;
+  row.method = merge::to_string(method);
+  row.extrapolated = subset;
+  row.kept.assign(static_cast<std::size_t>(g_problem.adapters), 0.0);
+  for (const auto& m : result) {
+    row.error += m.quality.relative_error / static_cast<double>(result.size());
+    for (std::size_t t = 0; t < m.quality.kept.size(); ++t) {
+      row.kept[t] += m.quality.kept[t] / static_cast<double>(result.size());
+    }
+  }
+  state.counters["modules"] = static_cast<double>(names.size());
+  state.counters["rel_error"] = row.error;
+  g_rows.push_back(row);
+}
+
+// Captures each run's real time so the table is computed from this run.
+class Capture : public benchmark::ConsoleReporter {
+ public:
+  void ReportRuns(const std::vector<Run>& runs) override {
+    ConsoleReporter::ReportRuns(runs);
+    for (const auto& run : runs) {
+      seconds.push_back(run.real_accumulated_time / static_cast<double>(run.iterations));
+    }
+  }
+  std::vector<double> seconds;
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  bool quick = std::getenv("RANKWISE_BENCH_QUICK") != nullptr;
+  std::vector<char*> args;
+  for (int i = 0; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--quick") == 0) quick = true;
+    else args.push_back(argv[i]);
+  }
+  if (quick) {
+    g_problem.modules = 16;
+    g_problem.d = 1024;
+    g_problem.ties_modules = 16;
+  }
+  const auto t0 = std::chrono::steady_clock::now();
+  for (std::int64_t m = 0; m < g_problem.modules; ++m) {
+    g_names.push_back("model.layers." + std::to_string(m / 7) + ".module" + std::to_string(m % 7));
+    g_inputs.push_back(synthetic_module(g_problem, m));
+  }
+  const double gen = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::printf("problem: %lld adapters of rank %lld over %lld modules of %lld x %lld, merged rank %lld, "
+              "%d threads (data generated in %.1f s)\n",
+              static_cast<long long>(g_problem.adapters), static_cast<long long>(g_problem.rank),
+              static_cast<long long>(g_problem.modules), static_cast<long long>(g_problem.d),
+              static_cast<long long>(g_problem.d), static_cast<long long>(g_problem.k),
+              g_problem.threads, gen);
+  for (auto method : {merge::MergeMethod::kLego, merge::MergeMethod::kSvd, merge::MergeMethod::kSum,
+                      merge::MergeMethod::kLinear, merge::MergeMethod::kTies}) {
+    benchmark::RegisterBenchmark((std::string("merge/") + merge::to_string(method)).c_str(),
+                                 [method](benchmark::State& s) { run_method(s, method); })
+        ->Iterations(1)
+        ->UseRealTime()
+        ->Unit(benchmark::kSecond);
+  }
+  int bench_argc = static_cast<int>(args.size());
+  benchmark::Initialize(&bench_argc, args.data());
+  Capture capture;
+  benchmark::RunSpecifiedBenchmarks(&capture);
+  benchmark::Shutdown();
+
+  std::printf("\n%-7s %12s %10s %12s   kept per adapter (⟨ΔW', w ΔW_t⟩ / ⟨Σ w ΔW, w ΔW_t⟩)\n", "method",
+              "time (s)", "target", "rel. error");
+  int pass = 0, miss = 0;
+  double lego_time = 0.0, svd_time = 0.0;
+  for (std::size_t i = 0; i < g_rows.size() && i < capture.seconds.size(); ++i) {
+    Row& row = g_rows[i];
+    row.seconds = capture.seconds[i];
+    if (row.extrapolated) {
+      row.seconds *= static_cast<double>(g_problem.modules) / static_cast<double>(g_problem.ties_modules);
+    }
+    std::string target = "-";
+    if (row.method == "lego" || row.method == "svd") {
+      const bool ok = row.seconds < 60.0;
+      target = ok ? "PASS <60s" : "MISS <60s";
+      (ok ? pass : miss)++;
+      (row.method == "lego" ? lego_time : svd_time) = row.seconds;
+    }
+    std::printf("%-7s %11.2f%s %10s %12.4f   ", row.method.c_str(), row.seconds,
+                row.extrapolated ? "*" : " ", target.c_str(), row.error);
+    for (double k : row.kept) std::printf("%.3f ", k);
+    std::printf("\n");
+  }
+  if (svd_time > 0) std::printf("lego / svd time: %.2f\n", lego_time / svd_time);
+  std::printf("* timed on %lld modules and scaled to %lld\n", static_cast<long long>(g_problem.ties_modules),
+              static_cast<long long>(g_problem.modules));
+  std::printf("targets: %d PASS, %d MISS\n", pass, miss);
+  return 0;
+}
