@@ -73,6 +73,7 @@ struct dependent_false {
 ///   upload_doubles / download_doubles        as upload / download, host side in double
 ///   upload_indices(ctx, host, dst)           int32 host array into a (rows x cols) int32 view
 ///   prefer_dense(n, k, r)                    this backend's measured crossover
+///   prefer_assembled_shards(n)               MoS: assemble A, B rather than read shards
 ///
 /// Optimiser primitives (m, v, norm_sq in Acc):
 ///   sum_squares(ctx, m, out)                 out (1 x 1) += Σ m², in a fixed order

@@ -41,7 +41,9 @@ struct LoraModule {
   DType a_dtype = DType::kF32;    ///< dtype lora_A was stored in (kept for a rewrite)
   DType b_dtype = DType::kF32;    ///< dtype lora_B was stored in
 
+  /// Input width: lora_A's columns (0 when lora_A is not a matrix).
   std::int64_t d_in() const { return a.shape.size() == 2 ? a.shape[1] : 0; }
+  /// Output width: lora_B's rows (0 when lora_B is not a matrix).
   std::int64_t d_out() const { return b.shape.size() == 2 ? b.shape[0] : 0; }
 };
 
@@ -66,6 +68,7 @@ struct PeftAdapter {
   std::vector<std::pair<std::string, double>> alpha_pattern;
   std::vector<LoraModule> modules;  ///< sorted by name
 
+  /// alpha / sqrt(r) with use_rslora, else alpha / r.
   ScaleRule scale_rule() const {
     return use_rslora ? ScaleRule::kAlphaOverSqrtRank : ScaleRule::kAlphaOverRank;
   }

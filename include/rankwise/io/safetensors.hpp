@@ -271,7 +271,7 @@ struct SafetensorsFile {
 };
 
 /// The largest header the reader accepts, as safetensors itself (100 MB).
-constexpr std::uint64_t kMaxSafetensorsHeaderBytes = 100000000;
+inline constexpr std::uint64_t kMaxSafetensorsHeaderBytes = 100000000;
 
 namespace detail {
 

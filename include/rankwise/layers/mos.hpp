@@ -16,7 +16,7 @@ namespace rankwise {
 
 /// How a Mos layer reaches its shards.
 enum class ShardPath {
-  kAuto,       ///< the backend's crossover (Kernels::prefer_dense with k = r)
+  kAuto,       ///< the backend's crossover (Kernels::prefer_assembled_shards)
   kDirect,     ///< read shards through the index lists; nothing is materialised
   kAssembled,  ///< assemble A and B by gathering shards, then two GEMMs
 };
@@ -75,8 +75,7 @@ class Mos {
   /// Which path a call with n tokens takes.
   ShardPath path_for(std::int64_t n) const {
     if (path_ != ShardPath::kAuto) return path_;
-    return Kernels::prefer_dense(n, config_.rank, config_.rank) ? ShardPath::kAssembled
-                                                                : ShardPath::kDirect;
+    return Kernels::prefer_assembled_shards(n) ? ShardPath::kAssembled : ShardPath::kDirect;
   }
 
   /// y (n x d_out) += (alpha / r) · B A x for x (n x d_in).

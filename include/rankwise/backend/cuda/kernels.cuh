@@ -300,6 +300,16 @@ struct Kernels<CudaBackend, T> {
                            MatrixView<const T> src, MatrixView<const std::int32_t> units,
                            Acc beta, MatrixView<T> out) {
     if (out.empty()) return;
+    if (units.ld == 0 && units.rows > 1) {
+      if (beta != 1.0f) scale(ctx, out, beta);
+      const dim3 grid(static_cast<unsigned>(ceil_div(out.cols, kBlock)),
+                      static_cast<unsigned>(units.cols));
+      detail::cuda::scatter_axpy_broadcast_kernel<T><<<grid, kBlock, 0, ctx.stream()>>>(
+          alpha, units.rows, units.cols, out.cols, coef.data, coef.ld, src.data, src.ld,
+          units.data, out.data, out.ld);
+      RANKWISE_CUDA_LAUNCH_CHECK();
+      return;
+    }
     const dim3 grid(static_cast<unsigned>(ceil_div(out.cols, kBlock)),
                     static_cast<unsigned>(out.rows));
     detail::cuda::scatter_axpy_kernel<T><<<grid, kBlock, 0, ctx.stream()>>>(
@@ -397,6 +407,10 @@ struct Kernels<CudaBackend, T> {
   static bool prefer_dense(std::int64_t n, std::int64_t k, std::int64_t r) {
     return n >= 256 && k * 8 >= r;
   }
+
+  /// MoS: assemble A and B (then cuBLAS) once tokens are many; a guess as
+  /// above, not yet measured on a GPU.
+  static bool prefer_assembled_shards(std::int64_t n) { return n >= 64; }
 
  private:
   static unsigned blocks(std::int64_t threads) {

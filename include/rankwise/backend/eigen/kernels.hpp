@@ -186,6 +186,11 @@ struct Kernels<CpuBackend, T> {
     return n >= kDenseMinTokens && k * kDenseRatio >= r;
   }
   static constexpr std::int64_t kDenseMinTokens = 64;
+
+  /// MoS: the direct path's gathers run as GEMMs over the shared shard rows
+  /// (broadcast units), so reading shards in place is never slower than
+  /// assembling A and B first (bench_mos, see README).
+  static bool prefer_assembled_shards(std::int64_t /*n*/) { return false; }
   static constexpr std::int64_t kDenseRatio = 8;
 
   static void count_experts(Ctx&, MatrixView<const std::int32_t> experts,
@@ -210,6 +215,13 @@ struct Kernels<CpuBackend, T> {
                          Acc beta = Acc(0)) {
     const auto xm = detail::eigen_map(x);
     const auto wm = detail::eigen_map(w);
+    if (broadcast(units)) {
+      const detail::RowMajorMatrix<T> selected = gather_rows(wm, units);
+      auto om = detail::eigen_map(out);
+      if (beta == Acc(0)) om.noalias() = alpha * (xm * selected.transpose());
+      else om = beta * om + alpha * (xm * selected.transpose());
+      return;
+    }
     for (std::int64_t n = 0; n < units.rows; ++n) {
       for (std::int64_t j = 0; j < units.cols; ++j) {
         Acc& o = out.data[n * out.ld + j];
@@ -223,6 +235,10 @@ struct Kernels<CpuBackend, T> {
                           MatrixView<const std::int32_t> units, MatrixView<T> y) {
     const auto wm = detail::eigen_map(w);
     auto ym = detail::eigen_map(y);
+    if (broadcast(units)) {
+      ym.noalias() += alpha * (detail::eigen_map(coef) * gather_rows(wm, units));
+      return;
+    }
     for (std::int64_t n = 0; n < units.rows; ++n) {
       for (std::int64_t j = 0; j < units.cols; ++j) {
         ym.row(n) += (alpha * coef.data[n * coef.ld + j]) * wm.row(units.data[n * units.ld + j]);
@@ -236,6 +252,12 @@ struct Kernels<CpuBackend, T> {
     auto om = detail::eigen_map(out);
     scale_in_place(om, beta);
     const auto sm = detail::eigen_map(src);
+    if (broadcast(units)) {
+      // Σ over tokens first (one GEMM), then the k rows in slot order.
+      const detail::RowMajorMatrix<T> summed = detail::eigen_map(coef).transpose() * sm;
+      for (std::int64_t j = 0; j < units.cols; ++j) om.row(units.data[j]) += alpha * summed.row(j);
+      return;
+    }
     for (std::int64_t n = 0; n < units.rows; ++n) {
       for (std::int64_t j = 0; j < units.cols; ++j) {
         om.row(units.data[n * units.ld + j]) += (alpha * coef.data[n * coef.ld + j]) * sm.row(n);
@@ -305,6 +327,19 @@ struct Kernels<CpuBackend, T> {
   }
 
  private:
+  // Every token uses the same units (ld = 0): the gathers become GEMMs over
+  // the k selected rows, as in MoS and LoRA-LEGO.
+  static bool broadcast(const MatrixView<const std::int32_t>& units) {
+    return units.ld == 0 && units.rows > 1;
+  }
+  template <class MapT>
+  static detail::RowMajorMatrix<T> gather_rows(const MapT& wm,
+                                               const MatrixView<const std::int32_t>& units) {
+    detail::RowMajorMatrix<T> selected(units.cols, wm.cols());
+    for (std::int64_t j = 0; j < units.cols; ++j) selected.row(j) = wm.row(units.data[j]);
+    return selected;
+  }
+
   template <class MapT>
   static void scale_in_place(MapT& cm, Acc beta) {
     if (beta == Acc(0)) cm.setZero();

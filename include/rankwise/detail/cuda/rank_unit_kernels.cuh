@@ -170,6 +170,34 @@ __global__ void scatter_axpy_kernel(float alpha, std::int64_t n, std::int64_t k,
   }
 }
 
+// Broadcast units (every token uses the same k units, ld = 0): block
+// (column tile, slot j) owns unit units[j] if j is its first slot, and sums
+// coef[n][j'] * src[n] over all tokens n and every slot j' of that unit, in
+// order: each output row is written by one block, deterministically.
+template <class T>
+__global__ void scatter_axpy_broadcast_kernel(float alpha, std::int64_t n, std::int64_t k,
+                                              std::int64_t d, const float* coef,
+                                              std::int64_t coef_ld, const T* src,
+                                              std::int64_t src_ld, const std::int32_t* units,
+                                              T* out, std::int64_t out_ld) {
+  const std::int64_t j = blockIdx.y;
+  const std::int32_t unit = units[j];
+  for (std::int64_t prev = 0; prev < j; ++prev) {
+    if (units[prev] == unit) return;  // an earlier slot's block owns this row
+  }
+  const std::int64_t c = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x;
+  if (c >= d) return;
+  float acc = 0.0f;
+  for (std::int64_t slot = j; slot < k; ++slot) {
+    if (units[slot] != unit) continue;
+    for (std::int64_t t = 0; t < n; ++t) {
+      acc += coef[t * coef_ld + slot] * Element<T>::to_float(src[t * src_ld + c]);
+    }
+  }
+  T& o = out[std::int64_t(unit) * out_ld + c];
+  o = Element<T>::from_float(Element<T>::to_float(o) + alpha * acc);
+}
+
 static __global__ void hadamard_kernel(std::int64_t rows, std::int64_t cols, const float* a,
                                        std::int64_t a_ld, const float* b, std::int64_t b_ld,
                                        float* out, std::int64_t out_ld) {
