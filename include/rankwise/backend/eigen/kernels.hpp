@@ -50,6 +50,7 @@ struct Kernels<CpuBackend, T> {
     }
     const auto am = detail::eigen_map(a);
     const auto bm = detail::eigen_map(b);
+    if (one_row_product(alpha, am, op_a, bm, op_b, beta, cm, inner)) return;
     // Four explicit branches keep every product a single Eigen GEMM/GEMV call
     // with no temporaries (noalias) and transposition folded into the kernel.
     if (beta == Acc(0)) {
@@ -327,6 +328,38 @@ struct Kernels<CpuBackend, T> {
   }
 
  private:
+  // One-token products (N = 1) stream each row of b once, contiguously:
+  // Eigen's GEMV for a row vector times a row-major matrix walks b in column
+  // panels and reaches about half the memory bandwidth (bench_lora, N = 1).
+  //   c (1 x m) = alpha a bᵀ      one dot product per row of b
+  //   c (1 x m) += alpha a b      one axpy per row of b, c stays in L1
+  //   c = alpha aᵀ b, inner 1     (dBᵀ = s Hᵀ dY, dA = dHᵀ X): row scaling
+  template <class MapA, class MapB, class MapC>
+  static bool one_row_product(Acc alpha, const MapA& am, Op op_a, const MapB& bm, Op op_b,
+                              Acc beta, MapC& cm, std::int64_t inner) {
+    if (cm.rows() == 1 && op_a == Op::kNoTrans && op_b == Op::kTrans) {
+      for (Eigen::Index j = 0; j < cm.cols(); ++j) {
+        const Acc d = alpha * bm.row(j).dot(am.row(0));
+        cm(0, j) = beta == Acc(0) ? d : beta * cm(0, j) + d;
+      }
+      return true;
+    }
+    if (cm.rows() == 1 && op_a == Op::kNoTrans && op_b == Op::kNoTrans) {
+      scale_in_place(cm, beta);
+      for (std::int64_t k = 0; k < inner; ++k) cm.row(0) += (alpha * am(0, k)) * bm.row(k);
+      return true;
+    }
+    if (inner == 1 && op_b == Op::kNoTrans) {
+      for (Eigen::Index i = 0; i < cm.rows(); ++i) {
+        const Acc ai = alpha * (op_a == Op::kNoTrans ? am(i, 0) : am(0, i));
+        if (beta == Acc(0)) cm.row(i) = ai * bm.row(0);
+        else cm.row(i) = beta * cm.row(i) + ai * bm.row(0);
+      }
+      return true;
+    }
+    return false;
+  }
+
   // Every token uses the same units (ld = 0): the gathers become GEMMs over
   // the k selected rows, as in MoS and LoRA-LEGO.
   static bool broadcast(const MatrixView<const std::int32_t>& units) {

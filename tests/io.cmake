@@ -1,0 +1,13 @@
+# File I/O tests: safetensors and PEFT adapter directories (test_io). Included
+# from tests/CMakeLists.txt; paths are relative to this file so it works from
+# any including directory.
+find_package(nlohmann_json 3 REQUIRED)
+
+add_executable(test_io ${CMAKE_CURRENT_LIST_DIR}/test_io.cpp)
+target_link_libraries(test_io PRIVATE
+  rankwise_catch_main rankwise::rankwise nlohmann_json::nlohmann_json Catch2::Catch2 rankwise_warnings)
+# The fixture is read in place; the tests copy it before writing anything.
+target_compile_definitions(test_io PRIVATE
+  RANKWISE_TEST_DATA_DIR="${CMAKE_CURRENT_LIST_DIR}/data")
+add_test(NAME test_io COMMAND test_io --warn NoAssertions)
+set_tests_properties(test_io PROPERTIES LABELS cpu TIMEOUT 300)
