@@ -21,6 +21,11 @@ enum class GateNormalization {
 /// A rank-expert router over `num_units` rank units grouped into experts of
 /// `group_size` consecutive units. Each token activates `top_k` units, i.e.
 /// top_k / group_size experts. group_size = 1 is SMoRA; > 1 is block MoE-LoRA.
+///
+/// With one expert per token (top_k == group_size) and a normalised gate
+/// (kSumToK, kSumToOne) every gate is constant, so the router receives no
+/// gradient and never learns: top-1 MoE-LoRA wants GateNormalization::kNone
+/// (gate = the expert's score, e.g. with ScoreFunction::kSoftmax, as Switch).
 struct RouterConfig {
   std::int64_t num_units = 64;   // r
   std::int64_t group_size = 1;   // g

@@ -80,6 +80,8 @@ class Smora {
   }
 
   const SmoraConfig& config() const { return config_; }
+  /// Chooses the rank-unit path for later calls (kAuto: the backend's crossover).
+  void set_path(RankUnitPath path) { config_.path = path; }
   double scale() const { return config_.scale(); }
   std::int64_t rank() const { return config_.rank(); }
   std::int64_t experts() const { return config_.router.num_experts(); }

@@ -1,0 +1,336 @@
+// Tables of the SMoRA benchmarks, from the results RecordingReporter kept
+// (support/report.hpp, shared with the LoRA bench). Shared by the CPU and the
+// GPU benchmark; no Eigen, no CUDA.
+//
+// Every ratio divides two times measured in the same binary and the same run.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <functional>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "support/report.hpp"
+#include "support/smora_sizes.hpp"
+
+namespace rankwise {
+namespace bench {
+namespace smora {
+
+/// Which of a result's times the ratios use. The CPU bench uses the process
+/// CPU time: Eigen runs single-threaded there, so it equals the wall time of
+/// an idle machine and is not inflated when a shared machine deschedules the
+/// process. The GPU bench uses its CUDA-event (manual, "real") time.
+enum class Clock { kReal, kCpu };
+
+struct ReportOptions {
+  std::string backend;  // result-name prefix, e.g. "cpu_f32"
+  std::string title;    // e.g. "CPU (Eigen, float)"
+  bool quick = false;
+  Clock clock = Clock::kReal;
+  /// Kernels<Backend, T>::prefer_dense: what kAuto resolves to.
+  std::function<bool(std::int64_t, std::int64_t, std::int64_t)> prefer_dense;
+  /// One line each on what "cached" and "uncached" mean for this backend.
+  std::string cached_note, uncached_note;
+  /// Bytes per weight element (4 for float, 2 for half).
+  std::size_t element_bytes = 4;
+};
+
+
+inline double seconds(const Measurement* m, Clock c) {
+  if (m == nullptr) return 0.0;
+  return c == Clock::kCpu ? m->cpu_s : m->real_s;
+}
+
+inline std::string fmt_time(const Measurement* m, Clock c) {
+  if (m == nullptr) return "-";
+  const double s = seconds(m, c);
+  char buf[32];
+  if (s < 1e-3) std::snprintf(buf, sizeof buf, "%.1fus", s * 1e6);
+  else if (s < 1.0) std::snprintf(buf, sizeof buf, "%.2fms", s * 1e3);
+  else std::snprintf(buf, sizeof buf, "%.3fs", s);
+  return buf;
+}
+
+inline double ratio(const Measurement* num, const Measurement* den, Clock c) {
+  if (num == nullptr || den == nullptr || seconds(den, c) <= 0) return -1.0;
+  return seconds(num, c) / seconds(den, c);
+}
+
+inline std::string fmt_ratio(double r) {
+  if (r < 0) return "-";
+  char buf[32];
+  std::snprintf(buf, sizeof buf, r < 10 ? "%.2f" : "%.0f", r);
+  return buf;
+}
+
+// "PASS (0.93 <= 1.10)"; "n/a" when a time is missing. Counts into `t`.
+inline std::string judge(double r, double target, Tally* t) {
+  if (r < 0) return "n/a (not measured)";
+  const bool ok = r <= target;
+  ++(ok ? t->pass : t->miss);
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%s (%.2f %s %.2f)", ok ? "PASS" : "MISS", r, ok ? "<=" : ">",
+                target);
+  return buf;
+}
+
+struct SmoraTally {
+  Tally cached, uncached;
+  int pass() const { return cached.pass + uncached.pass; }
+  int miss() const { return cached.miss + uncached.miss; }
+};
+
+/// The layer table: SMoRA (sparse, dense, auto) next to LoRA rank 64 and 8,
+/// forward and backward, cached and uncached. Verdicts judge the layer as
+/// shipped (kAuto) against the dense rank-64 LoRA:
+///   every N, forward and backward: <= kMaxVsLora64;
+///   N = 1 forward: <= n1_target(g) (0.8 for g = 1, 0.3 for g = 8).
+/// The N = 1 targets are the byte argument, which is about what the
+/// forward reads; the backward row at N = 1 is shown against them as info.
+inline SmoraTally print_layer_table(RecordingReporter& rec, const ReportOptions& o) {
+  SmoraTally tally;
+  const Clock c = o.clock;
+  for (bool uncached : {false, true}) {
+    for (bool backward : {false, true}) {
+      std::printf("\n== %s: SMoRA (r = %lld, k = %lld) vs LoRA, d = %lld, %s, %s ==\n",
+                  o.title.c_str(), static_cast<long long>(kRank),
+                  static_cast<long long>(kTopK), static_cast<long long>(kDim),
+                  backward ? "BACKWARD (dA, dB, dW_r, dx)" : "FORWARD (inference)",
+                  uncached ? "UNCACHED" : "CACHED");
+      std::printf("   %s\n", (uncached ? o.uncached_note : o.cached_note).c_str());
+      if (uncached && o.quick) {
+        std::printf("   QUICK MODE: the rotation is cut to a few layers, so these runs are NOT "
+                    "uncached; use the full run for cache effects\n");
+      }
+      std::printf("%2s %5s | %9s %9s | %9s %5s %5s | %9s %5s %5s | %11s %5s %5s | %5s | %s\n",
+                  "g", "N", "lora64", "lora8", "sparse", "/l64", "/l8", "dense", "/l64", "/l8",
+                  "auto", "/l64", "/l8", "bound", "target: auto / lora64");
+      Tally& t = uncached ? tally.uncached : tally.cached;
+      std::string rates;
+      for (std::int64_t g : groups()) {
+        for (std::int64_t n : token_counts(o.quick)) {
+          const Measurement* l64 = rec.find(lora_key(o.backend, backward, 64, n, uncached));
+          const Measurement* l8 = rec.find(lora_key(o.backend, backward, 8, n, uncached));
+          const Measurement* sp =
+              rec.find(smora_key(o.backend, backward, g, RankUnitPath::kSparse, n, uncached));
+          const Measurement* de =
+              rec.find(smora_key(o.backend, backward, g, RankUnitPath::kDense, n, uncached));
+          const Measurement* au =
+              rec.find(smora_key(o.backend, backward, g, RankUnitPath::kAuto, n, uncached));
+          if (sp == nullptr && de == nullptr && au == nullptr) continue;
+          const bool dense = o.prefer_dense && o.prefer_dense(n, kTopK, kRank);
+          const std::string auto_cell = fmt_time(au, c) + (dense ? "(D)" : "(S)");
+          std::string target;
+          char buf[96];
+          const double r64 = ratio(au, l64, c);
+          if (n == 1) {
+            const double tgt = std::min(kMaxVsLora64, n1_target(g));
+            if (!backward) {
+              target = "N=1 " + judge(r64, tgt, &t);
+            } else {
+              std::snprintf(buf, sizeof buf, "<= %.2f at any N: ", kMaxVsLora64);
+              target = buf + judge(r64, kMaxVsLora64, &t);
+              std::snprintf(buf, sizeof buf, " (fwd's N=1 target %.1f: info)", tgt);
+              target += buf;
+            }
+          } else {
+            std::snprintf(buf, sizeof buf, "<= %.2f: ", kMaxVsLora64);
+            target = buf + judge(r64, kMaxVsLora64, &t);
+          }
+          if (n == 1 && !backward) {
+            // Bytes one forward reads / its time: the byte bound assumes equal rates.
+            const auto rate = [&](const Measurement* m, double bytes) {
+              char b[32];
+              if (m == nullptr || seconds(m, c) <= 0) return std::string("-");
+              std::snprintf(b, sizeof b, "%.1f", bytes / seconds(m, c) * 1e-9);
+              return std::string(b);
+            };
+            const double elem = static_cast<double>(o.element_bytes);
+            rates += "  g=" + std::to_string(g) + ": lora64 " +
+                     rate(l64, 2.0 * kRank * kDim * elem) + " GB/s, smora sparse " +
+                     rate(sp, (kRank / g + 2.0 * kTopK) * kDim * elem) + " GB/s\n";
+          }
+          std::printf(
+              "%2lld %5lld | %9s %9s | %9s %5s %5s | %9s %5s %5s | %11s %5s %5s | %5s | %s\n",
+              static_cast<long long>(g), static_cast<long long>(n), fmt_time(l64, c).c_str(),
+              fmt_time(l8, c).c_str(), fmt_time(sp, c).c_str(), fmt_ratio(ratio(sp, l64, c)).c_str(),
+              fmt_ratio(ratio(sp, l8, c)).c_str(), fmt_time(de, c).c_str(),
+              fmt_ratio(ratio(de, l64, c)).c_str(), fmt_ratio(ratio(de, l8, c)).c_str(),
+              auto_cell.c_str(), fmt_ratio(r64).c_str(), fmt_ratio(ratio(au, l8, c)).c_str(),
+              n == 1 && !backward ? fmt_ratio(n1_byte_bound(g)).c_str() : "",
+              target.c_str());
+        }
+      }
+      if (!rates.empty()) {
+        std::printf("N = 1 read rate (weight bytes the forward reads / its time):\n%s",
+                    rates.c_str());
+      }
+    }
+  }
+  std::printf("\nauto(S|D): the path kAuto resolves to (Kernels::prefer_dense). bound: the N = 1 "
+              "byte bound, (E + 2k) / 2r of dense rank-64's bytes.\n");
+  return tally;
+}
+
+/// One (d, k, r, direction, N) cell of the crossover grid.
+struct CrossCell {
+  std::int64_t d, k, r, n;
+  bool backward;
+  double sparse_s, dense_s;
+};
+
+/// A candidate rule: dense iff n >= min_tokens && r <= ratio * k.
+struct Rule {
+  std::int64_t min_tokens;
+  std::int64_t ratio;
+  bool dense(std::int64_t n, std::int64_t k, std::int64_t r) const {
+    return n >= min_tokens && r <= ratio * k;
+  }
+};
+
+struct RuleScore {
+  double geomean = 1.0;  // chosen / best, geometric mean over the grid
+  double worst = 1.0;    // the largest chosen / best
+  int wrong = 0;         // cells where the slower path is chosen by more than 5%
+};
+
+template <class Pick>
+RuleScore score_rule(const std::vector<CrossCell>& cells, Pick pick) {
+  RuleScore s;
+  double log_sum = 0;
+  for (const CrossCell& cell : cells) {
+    const double best = std::min(cell.sparse_s, cell.dense_s);
+    const double chosen = pick(cell.n, cell.k, cell.r) ? cell.dense_s : cell.sparse_s;
+    const double slow = chosen / best;
+    log_sum += std::log(slow);
+    s.worst = std::max(s.worst, slow);
+    if (slow > 1.05) ++s.wrong;
+  }
+  if (!cells.empty()) s.geomean = std::exp(log_sum / static_cast<double>(cells.size()));
+  return s;
+}
+
+/// The crossover table (rank_units_forward / backward, kSparse vs kDense),
+/// per d and (k, r); `extra` names further measured paths (e.g. a prototype)
+/// shown as time and ratio to sparse. Then fits the rule
+/// "dense iff n >= N0 and r <= c k" to the grid and prints the best candidates
+/// next to the backend's current prefer_dense. Returns the grid.
+inline std::vector<CrossCell> print_crossover(RecordingReporter& rec, const ReportOptions& o,
+                                              const std::vector<std::string>& extra = {}) {
+  const Clock c = o.clock;
+  std::vector<CrossCell> cells;
+  std::printf("\n== %s: crossover of the rank-unit paths (rank_units_forward / backward "
+              "alone, no router), cached weights ==\n", o.title.c_str());
+  std::printf("   d/s = dense time / sparse time (> 1: sparse faster). rule = what the current "
+              "prefer_dense picks; '!' = it picks the path that is > 5%% slower.\n");
+  for (std::int64_t d : crossover_dims(o.quick)) {
+    for (const UnitShape& s : crossover_shapes(o.quick)) {
+      std::printf("\nd = %lld, k = %lld, r = %lld (r/k = %lld)\n", static_cast<long long>(d),
+                  static_cast<long long>(s.k), static_cast<long long>(s.r),
+                  static_cast<long long>(s.r / s.k));
+      std::printf("%5s | %9s %9s %5s", "N", "fwd sp", "fwd de", "d/s");
+      for (const std::string& e : extra) std::printf(" %9s %5s", ("fwd " + e).c_str(), "/sp");
+      std::printf(" | %9s %9s %5s", "bwd sp", "bwd de", "d/s");
+      for (const std::string& e : extra) std::printf(" %9s %5s", ("bwd " + e).c_str(), "/sp");
+      std::printf(" | rule\n");
+      for (std::int64_t n : crossover_tokens(o.quick)) {
+        std::string line;
+        char buf[160];
+        std::snprintf(buf, sizeof buf, "%5lld |", static_cast<long long>(n));
+        line += buf;
+        const bool rule_dense = o.prefer_dense && o.prefer_dense(n, s.k, s.r);
+        bool any = false;
+        std::string marks;
+        for (bool backward : {false, true}) {
+          const Measurement* sp = rec.find(units_key(o.backend, backward, d, s, "sparse", n));
+          const Measurement* de = rec.find(units_key(o.backend, backward, d, s, "dense", n));
+          const double ds = ratio(de, sp, c);
+          std::snprintf(buf, sizeof buf, " %9s %9s %5s", fmt_time(sp, c).c_str(),
+                        fmt_time(de, c).c_str(), fmt_ratio(ds).c_str());
+          line += buf;
+          for (const std::string& e : extra) {
+            const Measurement* ex = rec.find(units_key(o.backend, backward, d, s, e, n));
+            std::snprintf(buf, sizeof buf, " %9s %5s", fmt_time(ex, c).c_str(),
+                          fmt_ratio(ratio(ex, sp, c)).c_str());
+            line += buf;
+          }
+          line += " |";
+          if (sp != nullptr && de != nullptr) {
+            any = true;
+            cells.push_back({d, s.k, s.r, n, backward, seconds(sp, c), seconds(de, c)});
+            const bool wrong = rule_dense ? ds > 1.05 : (ds > 0 && ds < 1.0 / 1.05);
+            marks += wrong ? "!" : "";
+          }
+        }
+        if (!any) continue;
+        std::printf("%s %s%s\n", line.c_str(), rule_dense ? "dense" : "sparse",
+                    marks.empty() ? "" : " !");
+      }
+    }
+  }
+  if (cells.empty()) return cells;
+
+  // Fit "dense iff n >= N0 and r <= c k" to the grid.
+  const std::int64_t never = std::numeric_limits<std::int64_t>::max();
+  struct Scored {
+    Rule rule;
+    RuleScore score;
+  };
+  std::vector<Scored> all;
+  for (std::int64_t n0 : {std::int64_t(1), std::int64_t(16), std::int64_t(32), std::int64_t(64),
+                          std::int64_t(128), std::int64_t(256), std::int64_t(512),
+                          std::int64_t(2048), never}) {
+    for (std::int64_t ratio_c : {1, 2, 3, 4, 6, 8, 16}) {
+      const Rule rule{n0, ratio_c};
+      all.push_back({rule, score_rule(cells, [&](std::int64_t n, std::int64_t k,
+                                                 std::int64_t r) { return rule.dense(n, k, r); })});
+      if (n0 == never) break;
+    }
+  }
+  std::sort(all.begin(), all.end(), [](const Scored& a, const Scored& b) {
+    if (a.score.worst != b.score.worst) return a.score.worst < b.score.worst;
+    return a.score.geomean < b.score.geomean;
+  });
+  auto describe = [&](const Rule& r) {
+    char buf[96];
+    if (r.min_tokens == never) return std::string("never dense (always sparse)");
+    std::snprintf(buf, sizeof buf, "dense iff n >= %lld && r <= %lld k",
+                  static_cast<long long>(r.min_tokens), static_cast<long long>(r.ratio));
+    return std::string(buf);
+  };
+  std::printf("\nrule fit over %zu cells (fwd and bwd): chosen time / best time\n", cells.size());
+  std::printf("  %-40s %8s %8s %s\n", "rule", "geomean", "worst", "wrong picks (>5% slower)");
+  if (o.prefer_dense) {
+    const RuleScore cur = score_rule(cells, o.prefer_dense);
+    std::printf("  %-40s %8.3f %8.3f %d  <- current prefer_dense\n", "current", cur.geomean,
+                cur.worst, cur.wrong);
+  }
+  const RuleScore always_dense =
+      score_rule(cells, [](std::int64_t, std::int64_t, std::int64_t) { return true; });
+  std::printf("  %-40s %8.3f %8.3f %d\n", "always dense", always_dense.geomean, always_dense.worst,
+              always_dense.wrong);
+  for (std::size_t i = 0; i < all.size() && i < 6; ++i) {
+    std::printf("  %-40s %8.3f %8.3f %d%s\n", describe(all[i].rule).c_str(),
+                all[i].score.geomean, all[i].score.worst, all[i].score.wrong,
+                i == 0 ? "  <- best fit" : "");
+  }
+  return cells;
+}
+
+/// The PASS/MISS summary and failed benchmarks; always informational.
+inline void print_smora_summary(RecordingReporter& rec, const SmoraTally& t) {
+  for (const std::string& e : rec.errors()) std::printf("benchmark error: %s\n", e.c_str());
+  std::printf("\ntargets (cached): %d PASS, %d MISS; (uncached): %d PASS, %d MISS\n",
+              t.cached.pass, t.cached.miss, t.uncached.pass, t.uncached.miss);
+  std::printf("targets: %d PASS, %d MISS (informational: the benchmark exits 0 either way)\n",
+              t.pass(), t.miss());
+}
+
+}  // namespace smora
+}  // namespace bench
+}  // namespace rankwise

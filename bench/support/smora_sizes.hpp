@@ -1,0 +1,163 @@
+// Problem sizes, targets and result names of the SMoRA benchmarks, shared by
+// the CPU (bench_smora.cpp) and the GPU (bench_smora_cuda.cu) benchmark so
+// both measure exactly the same shapes. Plain C++17 plus the backend-neutral
+// rankwise headers: no Eigen, no CUDA, no Google Benchmark.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <rankwise/layers/rank_units.hpp>
+
+#include "support/sizes.hpp"  // kDim, kAlpha, rotation_copies (LoRA bench, reused as is)
+
+namespace rankwise {
+namespace bench {
+namespace smora {
+
+// ---- the shapes ---------------------------------------------------------
+
+/// d_in = d_out (the LoRA bench's kDim, 4096), total rank r and top-k of SMoRA.
+inline constexpr std::int64_t kDim = ::rankwise::bench::kDim;
+inline constexpr std::int64_t kRank = 64;
+inline constexpr std::int64_t kTopK = 8;
+/// SMoRA's alpha (scale alpha / k); LoRA baselines use kAlpha (scale alpha / r).
+/// Neither affects the timings.
+inline constexpr double kSmoraAlpha = 16.0;
+
+/// Group sizes g (E = r / g experts) and token counts N of the layer table.
+inline const std::vector<std::int64_t>& groups() {
+  static const std::vector<std::int64_t> g{1, 8};
+  return g;
+}
+inline const std::vector<std::int64_t>& token_counts(bool quick) {
+  static const std::vector<std::int64_t> full{1, 4, 16, 256, 2048};
+  static const std::vector<std::int64_t> small{1, 16};
+  return quick ? small : full;
+}
+/// The dense LoRA baselines: rank 64 (same r) and rank 8 (same k).
+inline const std::vector<std::int64_t>& lora_ranks() {
+  static const std::vector<std::int64_t> r{64, 8};
+  return r;
+}
+
+inline const std::vector<RankUnitPath>& paths() {
+  static const std::vector<RankUnitPath> p{RankUnitPath::kSparse, RankUnitPath::kDense,
+                                           RankUnitPath::kAuto};
+  return p;
+}
+inline const char* path_name(RankUnitPath p) {
+  switch (p) {
+    case RankUnitPath::kSparse: return "sparse";
+    case RankUnitPath::kDense: return "dense";
+    default: return "auto";
+  }
+}
+
+// ---- targets (stated for the CPU backend) --------------------------------------------
+
+/// SMoRA (the layer as shipped, path kAuto) <= 1.1x the dense rank-64 LoRA at every N.
+inline constexpr double kMaxVsLora64 = 1.1;
+/// At N = 1 (forward): <= 0.8x of it with g = 1, <= 0.3x with g = 8.
+inline double n1_target(std::int64_t g) { return g == 1 ? 0.8 : 0.3; }
+/// The N = 1 byte bound: SMoRA reads the router (E x d) and k rows of A and
+/// of Bᵀ; dense rank-r LoRA reads all of A and Bᵀ (2 r d). g = 1: 0.625, g = 8: 0.1875.
+inline double n1_byte_bound(std::int64_t g) {
+  const double experts = static_cast<double>(kRank / g);
+  return (experts + 2.0 * kTopK) / (2.0 * kRank);
+}
+
+// ---- the crossover grid (kSparse vs kDense of rank_units_forward/backward) ------------
+
+struct UnitShape {
+  std::int64_t k, r;
+};
+inline const std::vector<std::int64_t>& crossover_dims(bool quick) {
+  static const std::vector<std::int64_t> full{4096, 1024};
+  static const std::vector<std::int64_t> small{1024};
+  return quick ? small : full;
+}
+inline const std::vector<UnitShape>& crossover_shapes(bool quick) {
+  // The four (r / k = 8, 4, 16, 2), then r / k = 2 at r = 64 and
+  // k = r: LoRA-LEGO and MoS run the rank units with every unit active and
+  // ask prefer_dense(n, r, r).
+  static const std::vector<UnitShape> full{{8, 64},  {16, 64}, {4, 64}, {8, 16},
+                                           {32, 64}, {16, 16}, {64, 64}};
+  static const std::vector<UnitShape> small{{8, 64}};
+  return quick ? small : full;
+}
+inline const std::vector<std::int64_t>& crossover_tokens(bool quick) {
+  static const std::vector<std::int64_t> full{1, 4, 16, 32, 64, 128, 256, 512, 2048};
+  static const std::vector<std::int64_t> small{1, 64};
+  return quick ? small : full;
+}
+
+// ---- flags ------------------------------------------------------------------------------
+
+/// Removes `flag` from argv (so Google Benchmark never sees it); true when it
+/// was there or when the environment variable `env` is set to anything but "" or "0".
+inline bool take_flag(int* argc, char** argv, const char* flag, const char* env) {
+  bool found = false;
+  int out = 1;
+  for (int i = 1; i < *argc; ++i) {
+    if (std::strcmp(argv[i], flag) == 0) {
+      found = true;
+    } else {
+      argv[out++] = argv[i];
+    }
+  }
+  *argc = out;
+  argv[out] = nullptr;
+  if (const char* v = std::getenv(env)) {
+    if (v[0] != '\0' && std::strcmp(v, "0") != 0) found = true;
+  }
+  return found;
+}
+
+/// A byte count from the environment (e.g. RANKWISE_BENCH_LLC_BYTES=33554432), 0 if unset.
+inline std::size_t env_bytes(const char* env) {
+  const char* v = std::getenv(env);
+  if (v == nullptr || v[0] == '\0') return 0;
+  return static_cast<std::size_t>(std::strtoull(v, nullptr, 10));
+}
+
+// ---- result names -------------------------------------------------------------------------
+// The report looks results up by these; they are also the Google Benchmark names,
+// so --benchmark_filter works on them:
+//   <backend>/smora_<fwd|bwd>/g:<g>/<path>/N:<N>/<cached|uncached>
+//   <backend>/lora_<fwd|bwd>/r:<r>/N:<N>/<cached|uncached>
+//   <backend>/units_<fwd|bwd>/d:<d>/k:<k>/r:<r>/<path>/N:<N>      (crossover)
+
+inline const char* cache_name(bool uncached) { return uncached ? "uncached" : "cached"; }
+inline const char* dir_name(bool backward) { return backward ? "bwd" : "fwd"; }
+
+inline std::string smora_key(const std::string& backend, bool backward, std::int64_t g,
+                             RankUnitPath path, std::int64_t n, bool uncached) {
+  return backend + "/smora_" + dir_name(backward) + "/g:" + std::to_string(g) + "/" +
+         path_name(path) + "/N:" + std::to_string(n) + "/" + cache_name(uncached);
+}
+inline std::string lora_key(const std::string& backend, bool backward, std::int64_t r,
+                            std::int64_t n, bool uncached) {
+  return backend + "/lora_" + dir_name(backward) + "/r:" + std::to_string(r) +
+         "/N:" + std::to_string(n) + "/" + cache_name(uncached);
+}
+inline std::string units_key(const std::string& backend, bool backward, std::int64_t d,
+                             UnitShape s, const std::string& path, std::int64_t n) {
+  return backend + "/units_" + dir_name(backward) + "/d:" + std::to_string(d) +
+         "/k:" + std::to_string(s.k) + "/r:" + std::to_string(s.r) + "/" + path +
+         "/N:" + std::to_string(n);
+}
+
+/// Bytes of A and Bᵀ of a rank-r LoRA: all of them are read by every forward.
+inline std::size_t lora_weight_bytes(std::int64_t r, std::size_t elem) {
+  return static_cast<std::size_t>(2 * r * kDim) * elem;
+}
+
+}  // namespace smora
+}  // namespace bench
+}  // namespace rankwise
