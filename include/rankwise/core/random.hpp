@@ -2,6 +2,7 @@
 // (seed, i), so the CPU and the GPU initialise parameters to the same bits.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #include "rankwise/core/config.hpp"
@@ -21,15 +22,16 @@ RANKWISE_HOST_DEVICE inline double uniform01(std::uint64_t seed, std::uint64_t i
   return static_cast<double>(bits >> 11) * 0x1.0p-53;
 }
 
-/// Uniform double in [lo, hi). Written with explicit rounding on the device so
-/// nvcc cannot contract it into an FMA, which would change bits vs the host.
+/// Uniform double in [lo, hi), as one fused multiply-add on both sides: a
+/// correctly rounded FMA gives the same bits on the host and the device,
+/// whatever contraction either compiler would apply to a plain expression.
 RANKWISE_HOST_DEVICE inline double uniform(std::uint64_t seed, std::uint64_t index, double lo,
                                            double hi) {
   const double u = uniform01(seed, index);
 #if defined(__CUDA_ARCH__)
-  return __dadd_rn(lo, __dmul_rn(hi - lo, u));
+  return __fma_rn(hi - lo, u, lo);
 #else
-  return lo + (hi - lo) * u;
+  return std::fma(hi - lo, u, lo);
 #endif
 }
 

@@ -71,18 +71,32 @@ RANKWISE_HOST_DEVICE inline Real gate_numerator(const RoutingRule& rule) {
 ///   experts (k/g)    out: selected experts, best first; ties go to the lower index
 ///   units   (k)      out: unit indices, expert t's g units at [t*g, (t+1)*g)
 ///   gates   (k)      out: the gate of each unit
-/// Returns false (outputs unspecified) when a logit or bias is not finite.
+/// Returns false when a logit or bias is not finite; the token then gets the
+/// first k/g experts with zero gates (it contributes nothing).
 template <class Real>
 RANKWISE_HOST_DEVICE inline bool route_token(const RoutingRule& rule, const Real* logits,
                                              const Real* bias, Real* scores, int* experts,
                                              int* units, Real* gates) {
   const int num_experts = rule.num_experts;
   Real max_logit = logits[0];
+  bool finite = true;
   for (int e = 0; e < num_experts; ++e) {
-    if (!detail::is_finite(logits[e]) || (bias != nullptr && !detail::is_finite(bias[e]))) {
-      return false;
-    }
+    finite = finite && detail::is_finite(logits[e]) &&
+             (bias == nullptr || detail::is_finite(bias[e]));
     max_logit = logits[e] > max_logit ? logits[e] : max_logit;
+  }
+  if (!finite) {
+    // A safe routing (valid indices, zero gates) so that nothing downstream
+    // reads or writes out of bounds, whether or not the caller checks.
+    for (int e = 0; e < num_experts; ++e) scores[e] = Real(0);
+    for (int t = 0; t < rule.experts_per_token; ++t) {
+      experts[t] = t;
+      for (int q = 0; q < rule.group_size; ++q) {
+        units[t * rule.group_size + q] = t * rule.group_size + q;
+        gates[t * rule.group_size + q] = Real(0);
+      }
+    }
+    return false;
   }
   if (rule.score == ScoreFunction::kSigmoid) {
     for (int e = 0; e < num_experts; ++e) scores[e] = Real(1) / (Real(1) + detail::exp_real(-logits[e]));

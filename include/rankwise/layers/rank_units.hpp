@@ -104,8 +104,9 @@ template <class T>
 std::size_t rank_units_backward_workspace_bytes(std::int64_t n, std::int64_t k, std::int64_t r) {
   using Acc = accumulator_t<T>;
   const std::size_t sparse = 4 * workspace_block_bytes<Acc>(n, k);
+  // Both paths may also carve dgates (n x k) when the caller passes none.
   const std::size_t dense = 2 * workspace_block_bytes<T>(n, r) +
-                            workspace_block_bytes<Acc>(n, r) + 2 * workspace_block_bytes<Acc>(n, k);
+                            workspace_block_bytes<Acc>(n, r) + 3 * workspace_block_bytes<Acc>(n, k);
   return sparse > dense ? sparse : dense;
 }
 

@@ -72,7 +72,7 @@ std::size_t router_backward_workspace_bytes(std::int64_t n, const RouterConfig& 
 /// With check_finite, a non-finite logit or bias throws rankwise::error
 /// naming how many tokens were affected; on the GPU that check reads one int
 /// back from the device (a stream synchronisation), so engines that trust
-/// their inputs turn it off.
+/// their inputs turn it off. Unchecked, such a token gets zero gates.
 template <class Backend, class T>
 void router_forward_from_logits(Context<Backend>& ctx, const RouterConfig& cfg,
                                 MatrixView<const accumulator_t<T>> logits,
@@ -93,12 +93,12 @@ void router_forward_from_logits(Context<Backend>& ctx, const RouterConfig& cfg,
   carve.take<accumulator_t<T>>(n, cfg.num_experts());  // keeps the layout of router_forward
   MatrixView<std::int32_t> bad = carve.take<std::int32_t>(1, 1);
   if (n > 0) K::route(ctx, rule, logits, bias, out.scores, out.experts, out.units, out.gates, bad);
-  K::count_experts(ctx, out.experts, mask, out.counts);
   if (check_finite && n > 0) {
     const std::int32_t bad_tokens = K::read_int(ctx, bad);
     RANKWISE_CHECK(bad_tokens == 0, "router: ", bad_tokens, " of ", n,
                    " tokens have non-finite logits or bias (NaN or infinity)");
   }
+  K::count_experts(ctx, out.experts, mask, out.counts);
 }
 
 /// Routes n tokens of x (n x d_in) with router weights wr (E x d_in):

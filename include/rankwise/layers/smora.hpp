@@ -67,7 +67,8 @@ class Smora {
   Smora(Context<Backend>& ctx, const SmoraConfig& config)
       : ctx_(&ctx), config_(validated(config)),
         a_(rank() * config.d_in), bt_(rank() * config.d_out), wr_(experts() * config.d_in),
-        bias_(experts()), grad_a_(rank() * config.d_in), grad_bt_(rank() * config.d_out),
+        bias_(experts()), routed_bias_(experts()), grad_a_(rank() * config.d_in),
+        grad_bt_(rank() * config.d_out),
         grad_wr_(experts() * config.d_in), counts_(experts()) {
     Kernels::fill(ctx, a(), 0.0);
     Kernels::fill(ctx, bt(), 0.0);
@@ -103,6 +104,9 @@ class Smora {
   void forward(MatrixView<const T> x, MatrixView<T> y, Mode mode = Mode::kInference,
                TokenMask mask = {}) {
     route(x, mask);
+    // backward() differentiates the gates this forward computed, so it needs
+    // the bias before this forward's balancing step.
+    rankwise::Kernels<Backend, Acc>::copy(*ctx_, bias(), Op::kNoTrans, routed_bias());
     reserve(rank_units_forward_workspace_bytes<T>(x.rows, top_k(), rank()));
     rank_units_forward<Backend, T>(*ctx_, scale(), x, a(), bt(), routing().unit_routing(), y,
                                    config_.path, workspace_.data(), workspace_bytes());
@@ -118,6 +122,7 @@ class Smora {
                      rank_units_forward_workspace_bytes<T>(x.rows, routing.units.cols, rank())));
     check_unit_routing<Backend, T>(*ctx_, routing, x.rows, rank(), workspace_.data(),
                                    workspace_bytes());
+    routed_tokens_ = -1;  // nothing here for backward() to differentiate
     rank_units_forward<Backend, T>(*ctx_, scale(), x, a(), bt(), routing, y, config_.path,
                                    workspace_.data(), workspace_bytes());
   }
@@ -128,6 +133,8 @@ class Smora {
   /// The gates' gradient reaches W_r only through the selected experts.
   void backward(MatrixView<const T> x, MatrixView<const T> dy, MatrixView<T> dx = {},
                 bool accumulate = false) {
+    RANKWISE_CHECK(routed_tokens_ >= 0, "Smora::backward: no routed forward to differentiate "
+                   "(a forward with a user-supplied routing is inference only)");
     RANKWISE_CHECK(x.rows == routed_tokens_, "Smora::backward: x has ", x.rows,
                    " tokens but the last forward routed ", routed_tokens_);
     const std::int64_t n = x.rows;
@@ -138,7 +145,8 @@ class Smora {
     rank_units_backward<Backend, T>(*ctx_, scale(), x, a(), bt(), routing().unit_routing(), dy,
                                     dx, grad_a(), grad_bt(), dgates, accumulate, config_.path,
                                     workspace_.data(), workspace_bytes());
-    router_backward<Backend, T>(*ctx_, config_.router, x, wr(), bias(), mask_, routing(), dgates,
+    router_backward<Backend, T>(*ctx_, config_.router, x, wr(), routed_bias(), mask_, routing(),
+                                dgates,
                                 config_.aux_loss_coef, dx, grad_wr(), accumulate,
                                 workspace_.data(), workspace_bytes());
   }
@@ -168,6 +176,8 @@ class Smora {
   MatrixView<T> bt() { return bt_.view(rank(), config_.d_out); }
   MatrixView<T> wr() { return wr_.view(experts(), config_.d_in); }
   MatrixView<Acc> bias() { return bias_.view(1, experts()); }
+  /// The bias the last forward routed with (before its balancing step).
+  MatrixView<Acc> routed_bias() { return routed_bias_.view(1, experts()); }
   MatrixView<T> grad_a() { return grad_a_.view(rank(), config_.d_in); }
   MatrixView<T> grad_bt() { return grad_bt_.view(rank(), config_.d_out); }
   MatrixView<T> grad_wr() { return grad_wr_.view(experts(), config_.d_in); }
@@ -231,10 +241,15 @@ class Smora {
     grow(experts_, n * config_.router.experts_per_token());
     grow(units_, n * top_k());
     grow(gates_, n * top_k());
-    routed_tokens_ = n;
+    routed_tokens_ = -1;  // set once the routing is complete
     reserve(router_forward_workspace_bytes<T>(n, config_.router));
-    router_forward<Backend, T>(*ctx_, config_.router, x, wr(), bias(), mask, routing(),
+    const RoutingBuffers<Acc> out{prefix(scores_, n, experts()),
+                                  prefix(experts_, n, config_.router.experts_per_token()),
+                                  prefix(units_, n, top_k()), prefix(gates_, n, top_k()),
+                                  counts_.view(1, experts())};
+    router_forward<Backend, T>(*ctx_, config_.router, x, wr(), bias(), mask, out,
                                config_.check_finite, workspace_.data(), workspace_bytes());
+    routed_tokens_ = n;
   }
 
   // Buffers grow and never shrink, so steady-state calls allocate nothing;
@@ -272,6 +287,7 @@ class Smora {
   Buffer<Backend, T> bt_;         // (r, d_out)
   Buffer<Backend, T> wr_;         // (E, d_in)
   Buffer<Backend, Acc> bias_;     // (E)
+  Buffer<Backend, Acc> routed_bias_;  // (E) the bias of the last forward
   Buffer<Backend, T> grad_a_;     // (r, d_in)
   Buffer<Backend, T> grad_bt_;    // (r, d_out)
   Buffer<Backend, T> grad_wr_;    // (E, d_in)

@@ -65,17 +65,20 @@ __global__ void transpose_kernel(const T* src, std::int64_t src_ld, T* dst, std:
                                  std::int64_t cols, std::int64_t dst_ld) {
   __shared__ T tile[TransposeTiling::kTile][TransposeTiling::kTile + 1];
   const TransposeTiling tiling{rows, cols};
-  const std::int64_t tile_row = tiling.tile_row(blockIdx.y);
   const std::int64_t tile_col = tiling.tile_col(blockIdx.x);
-  // Read: src is (cols x rows); thread (x, y) reads src[tile_col + y][tile_row + x].
-  for (int y = threadIdx.y; y < TransposeTiling::kTile; y += blockDim.y) {
-    const std::int64_t r = tile_col + y, c = tile_row + threadIdx.x;
-    if (r < cols && c < rows) tile[y][threadIdx.x] = src[r * src_ld + c];
-  }
-  __syncthreads();
-  for (int y = threadIdx.y; y < TransposeTiling::kTile; y += blockDim.y) {
-    const std::int64_t r = tile_row + y, c = tile_col + threadIdx.x;
-    if (r < rows && c < cols) dst[r * dst_ld + c] = tile[threadIdx.x][y];
+  for (std::int64_t by = blockIdx.y; by < tiling.tiles_down(); by += gridDim.y) {
+    const std::int64_t tile_row = tiling.tile_row(by);
+    // Read: src is (cols x rows); thread (x, y) reads src[tile_col + y][tile_row + x].
+    for (int y = threadIdx.y; y < TransposeTiling::kTile; y += blockDim.y) {
+      const std::int64_t r = tile_col + y, c = tile_row + threadIdx.x;
+      if (r < cols && c < rows) tile[y][threadIdx.x] = src[r * src_ld + c];
+    }
+    __syncthreads();
+    for (int y = threadIdx.y; y < TransposeTiling::kTile; y += blockDim.y) {
+      const std::int64_t r = tile_row + y, c = tile_col + threadIdx.x;
+      if (r < rows && c < cols) dst[r * dst_ld + c] = tile[threadIdx.x][y];
+    }
+    __syncthreads();  // the tile is reused by the next tile row
   }
 }
 
@@ -149,15 +152,18 @@ struct Kernels<CudaBackend, T> {
   static void copy(Ctx& ctx, MatrixView<const T> src, Op op, MatrixView<T> dst) {
     if (dst.empty()) return;
     if (op == Op::kNoTrans) {
-      RANKWISE_CUDA_CHECK(cudaMemcpy2DAsync(dst.data, dst.ld * sizeof(T), src.data,
+      RANKWISE_CUDA_CHECK(cudaMemcpy2DAsync(dst.data,
+                                            detail::cuda::blas_ld(dst.ld, dst.cols) * sizeof(T),
+                                            src.data,
                                             detail::cuda::blas_ld(src.ld, src.cols) * sizeof(T),
                                             dst.cols * sizeof(T), dst.rows,
                                             cudaMemcpyDeviceToDevice, ctx.stream()));
       return;
     }
     const TransposeTiling tiling{dst.rows, dst.cols};
+    // Grid y is capped at 65535; the kernel strides over further tile rows.
     const dim3 grid(static_cast<unsigned>(tiling.tiles_across()),
-                    static_cast<unsigned>(tiling.tiles_down()));
+                    static_cast<unsigned>(std::min<std::int64_t>(tiling.tiles_down(), 65535)));
     const dim3 block(TransposeTiling::kTile, TransposeTiling::kRowsPerPass);
     detail::cuda::transpose_kernel<T><<<grid, block, 0, ctx.stream()>>>(
         src.data, src.ld, dst.data, dst.rows, dst.cols, dst.ld);
@@ -168,9 +174,10 @@ struct Kernels<CudaBackend, T> {
   // results); they synchronise so the host array may be reused on return.
   static void upload(Ctx& ctx, const T* host, MatrixView<T> dst) {
     if (dst.empty()) return;
-    RANKWISE_CUDA_CHECK(cudaMemcpy2DAsync(dst.data, dst.ld * sizeof(T), host,
-                                          dst.cols * sizeof(T), dst.cols * sizeof(T), dst.rows,
-                                          cudaMemcpyHostToDevice, ctx.stream()));
+    RANKWISE_CUDA_CHECK(cudaMemcpy2DAsync(
+        dst.data, detail::cuda::blas_ld(dst.ld, dst.cols) * sizeof(T), host,
+        dst.cols * sizeof(T), dst.cols * sizeof(T), dst.rows, cudaMemcpyHostToDevice,
+        ctx.stream()));
     ctx.synchronize();
   }
 
@@ -187,7 +194,10 @@ struct Kernels<CudaBackend, T> {
 
   static void upload_indices(Ctx& ctx, const std::int32_t* host, MatrixView<std::int32_t> dst) {
     if (dst.empty()) return;
-    RANKWISE_CUDA_CHECK(cudaMemcpy2DAsync(dst.data, dst.ld * sizeof(std::int32_t), host,
+    RANKWISE_CUDA_CHECK(cudaMemcpy2DAsync(dst.data,
+                                          detail::cuda::blas_ld(dst.ld, dst.cols) *
+                                              sizeof(std::int32_t),
+                                          host,
                                           dst.cols * sizeof(std::int32_t),
                                           dst.cols * sizeof(std::int32_t), dst.rows,
                                           cudaMemcpyHostToDevice, ctx.stream()));

@@ -1,4 +1,5 @@
-// Owning host storage, 64-byte aligned so Eigen's vectorised loads line up.
+// Owning host storage, 256-byte aligned: vector loads line up and any
+// buffer can serve as a workspace.
 #pragma once
 
 #include <cstddef>
@@ -11,6 +12,7 @@
 #include "rankwise/backend/tags.hpp"
 #include "rankwise/core/error.hpp"
 #include "rankwise/core/numeric.hpp"
+#include "rankwise/core/workspace.hpp"
 
 namespace rankwise {
 
@@ -52,7 +54,9 @@ class Buffer<CpuBackend, T> {
   }
 
  private:
-  static constexpr std::size_t kAlignment = alignof(T) > 64 ? alignof(T) : 64;
+  // Any buffer can hold a workspace, which needs kWorkspaceAlignment.
+  static constexpr std::size_t kAlignment =
+      alignof(T) > kWorkspaceAlignment ? alignof(T) : kWorkspaceAlignment;
   struct Free {
     void operator()(T* p) const { std::free(p); }
   };
