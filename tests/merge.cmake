@@ -16,9 +16,8 @@ set_tests_properties(test_peft_merge PROPERTIES LABELS cpu TIMEOUT 300)
 if(RANKWISE_BUILD_EXAMPLES)
   set(_merge_out ${CMAKE_CURRENT_BINARY_DIR}/merged-gpt2)
   add_test(NAME rankwise_merge.svd
-    COMMAND ${CMAKE_COMMAND} -E rm -rf ${_merge_out}
     COMMAND $<TARGET_FILE:rankwise_merge> --method svd --rank 8 --report ${_merge_out}.json
-            -o ${_merge_out} ${CMAKE_CURRENT_LIST_DIR}/data/gpt2-lora-r8
+            --overwrite -o ${_merge_out} ${CMAKE_CURRENT_LIST_DIR}/data/gpt2-lora-r8
             ${CMAKE_CURRENT_LIST_DIR}/data/gpt2-lora-r8)
   set_tests_properties(rankwise_merge.svd PROPERTIES
     FIXTURES_SETUP merged_gpt2 PASS_REGULAR_EXPRESSION "wrote .*: 36 modules, mean relative error")
