@@ -3,7 +3,8 @@
 #pragma once
 
 #if !defined(__CUDACC__)
-#error "<rankwise/cuda.cuh> is the CUDA backend: include it from a .cu file compiled by nvcc. CPU-only code includes <rankwise/rankwise.hpp>."
+#error \
+    "<rankwise/cuda.cuh> is the CUDA backend: include it from a .cu file compiled by nvcc. CPU-only code includes <rankwise/rankwise.hpp>."
 #endif
 
 #include "rankwise/backend/cuda/buffer.hpp"

@@ -20,8 +20,7 @@ enum class ErrorCode {
 /// the expected and actual shapes or values.
 class error : public std::runtime_error {
  public:
-  error(ErrorCode code, const std::string& message)
-      : std::runtime_error(message), code_(code) {}
+  error(ErrorCode code, const std::string& message) : std::runtime_error(message), code_(code) {}
   ErrorCode code() const noexcept { return code_; }
 
  private:
@@ -49,20 +48,19 @@ std::string concat(const Parts&... parts) {
 
 /// Throws rankwise::error(kInvalidArgument) with the streamed message when
 /// `cond` is false. The message should name the argument and the shapes.
-#define RANKWISE_CHECK(cond, ...)                                             \
-  do {                                                                        \
-    if (!(cond)) {                                                            \
-      ::rankwise::detail::throw_error(::rankwise::ErrorCode::kInvalidArgument, \
-                                      __FILE__, __LINE__,                     \
-                                      ::rankwise::detail::concat(__VA_ARGS__)); \
-    }                                                                         \
+#define RANKWISE_CHECK(cond, ...)                                                                  \
+  do {                                                                                             \
+    if (!(cond)) {                                                                                 \
+      ::rankwise::detail::throw_error(::rankwise::ErrorCode::kInvalidArgument, __FILE__, __LINE__, \
+                                      ::rankwise::detail::concat(__VA_ARGS__));                    \
+    }                                                                                              \
   } while (false)
 
 /// As RANKWISE_CHECK with an explicit error code.
-#define RANKWISE_CHECK_CODE(cond, code, ...)                                   \
-  do {                                                                         \
-    if (!(cond)) {                                                             \
-      ::rankwise::detail::throw_error((code), __FILE__, __LINE__,              \
+#define RANKWISE_CHECK_CODE(cond, code, ...)                                    \
+  do {                                                                          \
+    if (!(cond)) {                                                              \
+      ::rankwise::detail::throw_error((code), __FILE__, __LINE__,               \
                                       ::rankwise::detail::concat(__VA_ARGS__)); \
-    }                                                                          \
+    }                                                                           \
   } while (false)

@@ -37,11 +37,10 @@ struct MatrixView {
       : data(data_), rows(rows_), cols(cols_), ld(ld_ < 0 ? cols_ : ld_), space(space_) {}
 
   // A view of T converts to a view of const T, never the reverse.
-  template <class U, class = std::enable_if_t<std::is_same<const U, T>::value &&
-                                              !std::is_same<U, T>::value>>
+  template <class U,
+            class = std::enable_if_t<std::is_same<const U, T>::value && !std::is_same<U, T>::value>>
   MatrixView(const MatrixView<U>& other)  // NOLINT(google-explicit-constructor)
-      : data(other.data), rows(other.rows), cols(other.cols), ld(other.ld),
-        space(other.space) {}
+      : data(other.data), rows(other.rows), cols(other.cols), ld(other.ld), space(other.space) {}
 
   std::int64_t size() const { return rows * cols; }
   bool empty() const { return rows == 0 || cols == 0; }
@@ -49,9 +48,8 @@ struct MatrixView {
 
   /// Rows [first, first + count) as a view of the same memory.
   MatrixView row_block(std::int64_t first, std::int64_t count) const {
-    RANKWISE_CHECK(first >= 0 && count >= 0 && first + count <= rows,
-                   "row_block: rows [", first, ", ", first + count,
-                   ") out of range for a view with ", rows, " rows");
+    RANKWISE_CHECK(first >= 0 && count >= 0 && first + count <= rows, "row_block: rows [", first,
+                   ", ", first + count, ") out of range for a view with ", rows, " rows");
     return MatrixView(count == 0 ? data : data + first * ld, count, cols, space, ld);
   }
 };
@@ -83,16 +81,16 @@ ShapeOf shape_of(const MatrixView<T>& v) {
 /// Validates a view argument: its shape, memory space, stride and pointer.
 /// Throws rankwise::error naming `name` and both shapes on any mismatch.
 template <class T>
-void check_view(const MatrixView<T>& v, const char* name, std::int64_t rows,
-                std::int64_t cols, MemorySpace space) {
-  RANKWISE_CHECK(v.rows == rows && v.cols == cols, name, ": expected shape ",
-                 ShapeOf{rows, cols}, ", got ", shape_of(v));
+void check_view(const MatrixView<T>& v, const char* name, std::int64_t rows, std::int64_t cols,
+                MemorySpace space) {
+  RANKWISE_CHECK(v.rows == rows && v.cols == cols, name, ": expected shape ", ShapeOf{rows, cols},
+                 ", got ", shape_of(v));
   RANKWISE_CHECK(v.ld >= v.cols || v.rows <= 1, name, ": leading dimension ", v.ld,
                  " is smaller than its ", v.cols, " columns");
-  RANKWISE_CHECK(v.empty() || v.data != nullptr, name, ": null data for a non-empty ",
-                 shape_of(v), " matrix");
-  RANKWISE_CHECK_CODE(v.empty() || v.space == space, ErrorCode::kMemorySpace, name,
-                      ": expected ", to_string(space), " memory, got ", to_string(v.space));
+  RANKWISE_CHECK(v.empty() || v.data != nullptr, name, ": null data for a non-empty ", shape_of(v),
+                 " matrix");
+  RANKWISE_CHECK_CODE(v.empty() || v.space == space, ErrorCode::kMemorySpace, name, ": expected ",
+                      to_string(space), " memory, got ", to_string(v.space));
 }
 
 }  // namespace rankwise

@@ -27,9 +27,9 @@ enum class GateNormalization {
 /// gradient and never learns: top-1 MoE-LoRA wants GateNormalization::kNone
 /// (gate = the expert's score, e.g. with ScoreFunction::kSoftmax, as Switch).
 struct RouterConfig {
-  std::int64_t num_units = 64;   // r
-  std::int64_t group_size = 1;   // g
-  std::int64_t top_k = 8;        // k, counted in units (ranks)
+  std::int64_t num_units = 64;  // r
+  std::int64_t group_size = 1;  // g
+  std::int64_t top_k = 8;       // k, counted in units (ranks)
   ScoreFunction score = ScoreFunction::kSigmoid;
   GateNormalization normalization = GateNormalization::kSumToK;
   /// true: gates from s0 + bias (reference code); false: bias only steers
@@ -56,8 +56,7 @@ struct RouterConfig {
     RANKWISE_CHECK(std::isfinite(epsilon) && epsilon > 0.0f,
                    "RouterConfig.epsilon must be positive and finite, got ", epsilon);
     RANKWISE_CHECK(std::isfinite(bias_update_rate) && bias_update_rate >= 0.0f,
-                   "RouterConfig.bias_update_rate must be finite and >= 0, got ",
-                   bias_update_rate);
+                   "RouterConfig.bias_update_rate must be finite and >= 0, got ", bias_update_rate);
   }
 };
 

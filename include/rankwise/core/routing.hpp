@@ -24,9 +24,13 @@ struct RoutingRule {
 
   static RoutingRule from(const RouterConfig& c) {
     c.validate();
-    return {static_cast<int>(c.num_experts()), static_cast<int>(c.group_size),
-            static_cast<int>(c.experts_per_token()), c.score, c.normalization,
-            c.gate_uses_bias, c.epsilon};
+    return {static_cast<int>(c.num_experts()),
+            static_cast<int>(c.group_size),
+            static_cast<int>(c.experts_per_token()),
+            c.score,
+            c.normalization,
+            c.gate_uses_bias,
+            c.epsilon};
   }
   RANKWISE_HOST_DEVICE int units_per_token() const { return experts_per_token * group_size; }
 };
@@ -81,8 +85,8 @@ RANKWISE_HOST_DEVICE inline bool route_token(const RoutingRule& rule, const Real
   Real max_logit = logits[0];
   bool finite = true;
   for (int e = 0; e < num_experts; ++e) {
-    finite = finite && detail::is_finite(logits[e]) &&
-             (bias == nullptr || detail::is_finite(bias[e]));
+    finite =
+        finite && detail::is_finite(logits[e]) && (bias == nullptr || detail::is_finite(bias[e]));
     max_logit = logits[e] > max_logit ? logits[e] : max_logit;
   }
   if (!finite) {
@@ -99,7 +103,8 @@ RANKWISE_HOST_DEVICE inline bool route_token(const RoutingRule& rule, const Real
     return false;
   }
   if (rule.score == ScoreFunction::kSigmoid) {
-    for (int e = 0; e < num_experts; ++e) scores[e] = Real(1) / (Real(1) + detail::exp_real(-logits[e]));
+    for (int e = 0; e < num_experts; ++e)
+      scores[e] = Real(1) / (Real(1) + detail::exp_real(-logits[e]));
   } else {
     // Shifted by the max so exp never overflows.
     Real total = Real(0);
@@ -133,9 +138,9 @@ RANKWISE_HOST_DEVICE inline bool route_token(const RoutingRule& rule, const Real
     norm += v * static_cast<Real>(rule.group_size);
   }
   const bool normalise = rule.normalization != GateNormalization::kNone;
-  const Real scale =
-      normalise ? detail::gate_numerator<Real>(rule) / (norm > Real(rule.epsilon) ? norm : Real(rule.epsilon))
-                : Real(1);
+  const Real scale = normalise ? detail::gate_numerator<Real>(rule) /
+                                     (norm > Real(rule.epsilon) ? norm : Real(rule.epsilon))
+                               : Real(1);
   for (int t = 0; t < rule.experts_per_token; ++t) {
     const Real gate = gates[t * rule.group_size] * scale;
     for (int q = 0; q < rule.group_size; ++q) {
@@ -151,10 +156,10 @@ RANKWISE_HOST_DEVICE inline bool route_token(const RoutingRule& rule, const Real
 /// through the softmax). `extra_dscore` (E, or null) is added to ∂L/∂s0 first:
 /// the auxiliary load-balancing loss uses it. `dlogits` (E) is overwritten.
 template <class Real>
-RANKWISE_HOST_DEVICE inline void route_token_backward(const RoutingRule& rule,
-                                                      const Real* scores, const Real* bias,
-                                                      const int* experts, const Real* dgates,
-                                                      const Real* extra_dscore, Real* dlogits) {
+RANKWISE_HOST_DEVICE inline void route_token_backward(const RoutingRule& rule, const Real* scores,
+                                                      const Real* bias, const int* experts,
+                                                      const Real* dgates, const Real* extra_dscore,
+                                                      Real* dlogits) {
   const int ke = rule.experts_per_token;
   const int g = rule.group_size;
   // ∂L/∂v_t for the selected experts, v = z (gate_uses_bias) or s0. With

@@ -31,8 +31,8 @@ struct ShardPoolConfig {
     RANKWISE_CHECK(equivalent_rank > 0,
                    "ShardPoolConfig.equivalent_rank (v) must be positive, got ", equivalent_rank);
     RANKWISE_CHECK(private_rank >= 0 && private_rank <= equivalent_rank,
-                   "ShardPoolConfig.private_rank (p) = ", private_rank, " must be in [0, v = ",
-                   equivalent_rank, "]");
+                   "ShardPoolConfig.private_rank (p) = ", private_rank,
+                   " must be in [0, v = ", equivalent_rank, "]");
     RANKWISE_CHECK(shards_per_vector > 0,
                    "ShardPoolConfig.shards_per_vector (l) must be positive, got ",
                    shards_per_vector);
@@ -51,9 +51,7 @@ struct ShardPoolConfig {
   std::int64_t shard_in() const { return d_in / shards_per_vector; }
   std::int64_t shard_out() const { return d_out / shards_per_vector; }
   /// v · L · (d_in + d_out): the trainable parameters of the type.
-  std::int64_t trainable_parameters() const {
-    return num_shards() * (shard_in() + shard_out());
-  }
+  std::int64_t trainable_parameters() const { return num_shards() * (shard_in() + shard_out()); }
 };
 
 /// How a MoS layer uses its pool. The strategies can be switched off one at a
@@ -79,10 +77,10 @@ struct MosConfig {
     RANKWISE_CHECK(rank >= pool.private_rank, "MosConfig.rank (r) = ", rank,
                    " must be at least the pool's private_rank (p) = ", pool.private_rank);
     const std::int64_t public_needed = (rank - pool.private_rank) * pool.shards_per_vector;
-    RANKWISE_CHECK(public_needed <= pool.public_shards(), "MosConfig: r − p = ",
-                   rank - pool.private_rank, " public ranks need ", public_needed,
-                   " public shards, but the pool has only P0 = (v − p) · L · l = ",
-                   pool.public_shards());
+    RANKWISE_CHECK(
+        public_needed <= pool.public_shards(), "MosConfig: r − p = ", rank - pool.private_rank,
+        " public ranks need ", public_needed,
+        " public shards, but the pool has only P0 = (v − p) · L · l = ", pool.public_shards());
   }
 };
 

@@ -27,7 +27,8 @@ inline std::vector<std::int32_t> draw_without_replacement(std::int64_t range, st
   for (std::int64_t i = 0; i < range; ++i) pool[i] = static_cast<std::int32_t>(i);
   for (std::int64_t i = 0; i < count; ++i) {
     const auto span = static_cast<double>(range - i);
-    auto pick = i + static_cast<std::int64_t>(uniform01(seed, static_cast<std::uint64_t>(i)) * span);
+    auto pick =
+        i + static_cast<std::int64_t>(uniform01(seed, static_cast<std::uint64_t>(i)) * span);
     if (pick >= range) pick = range - 1;  // guards the rounding of u * span up to span
     std::swap(pool[i], pool[pick]);
   }
@@ -76,11 +77,11 @@ inline void check_shard_indices(const ShardPoolConfig& pool, const MosConfig& co
   const std::int64_t shards = pool.num_shards();
   auto check = [&](const std::vector<std::int32_t>& list, const char* name) {
     RANKWISE_CHECK(static_cast<std::int64_t>(list.size()) == length, "shard indices ", name,
-                   ": expected r · l = ", config.rank, " · ", pool.shards_per_vector, " = ",
-                   length, " entries, got ", list.size());
+                   ": expected r · l = ", config.rank, " · ", pool.shards_per_vector, " = ", length,
+                   " entries, got ", list.size());
     for (std::size_t i = 0; i < list.size(); ++i) {
-      RANKWISE_CHECK(list[i] >= 0 && list[i] < shards, "shard indices ", name, "[", i, "] = ",
-                     list[i], " is outside the pool's [0, M = ", shards, ")");
+      RANKWISE_CHECK(list[i] >= 0 && list[i] < shards, "shard indices ", name, "[", i,
+                     "] = ", list[i], " is outside the pool's [0, M = ", shards, ")");
     }
   };
   check(indices.a, "I_a");

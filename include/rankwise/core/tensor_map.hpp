@@ -39,8 +39,8 @@ inline const HostTensor& require_tensor(const TensorMap& map, const std::string&
   };
   RANKWISE_CHECK(t.shape == shape, "tensor map: \"", name, "\" has shape ", show(t.shape),
                  ", expected ", show(shape));
-  RANKWISE_CHECK(static_cast<std::int64_t>(t.values.size()) == t.numel(), "tensor map: \"",
-                 name, "\" holds ", t.values.size(), " values for shape ", show(t.shape));
+  RANKWISE_CHECK(static_cast<std::int64_t>(t.values.size()) == t.numel(), "tensor map: \"", name,
+                 "\" holds ", t.values.size(), " values for shape ", show(t.shape));
   return t;
 }
 

@@ -1,4 +1,5 @@
-// PEFT LoRA adapter directories (adapter_config.json + adapter_model.safetensors): read, validate, write.
+// PEFT LoRA adapter directories (adapter_config.json + adapter_model.safetensors): read, validate,
+// write.
 #pragma once
 
 #include <algorithm>
@@ -9,14 +10,13 @@
 #include <iterator>
 #include <limits>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <regex>
 #include <string>
 #include <system_error>
 #include <utility>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "rankwise/core/error.hpp"
 #include "rankwise/core/lora_config.hpp"
@@ -37,9 +37,9 @@ struct LoraModule {
   HostTensor b;      ///< lora_B: (d_out x rank)
   std::int64_t rank = 0;
   double alpha = 0;
-  double scale = 0;               ///< alpha / rank, or alpha / sqrt(rank) with rsLoRA
-  DType a_dtype = DType::kF32;    ///< dtype lora_A was stored in (kept for a rewrite)
-  DType b_dtype = DType::kF32;    ///< dtype lora_B was stored in
+  double scale = 0;             ///< alpha / rank, or alpha / sqrt(rank) with rsLoRA
+  DType a_dtype = DType::kF32;  ///< dtype lora_A was stored in (kept for a rewrite)
+  DType b_dtype = DType::kF32;  ///< dtype lora_B was stored in
 
   /// Input width: lora_A's columns (0 when lora_A is not a matrix).
   std::int64_t d_in() const { return a.shape.size() == 2 ? a.shape[1] : 0; }
@@ -73,7 +73,9 @@ struct PeftAdapter {
     return use_rslora ? ScaleRule::kAlphaOverSqrtRank : ScaleRule::kAlphaOverRank;
   }
   /// How the base model stores the weights these modules adapt.
-  WeightLayout base_layout() const { return fan_in_fan_out ? WeightLayout::kInOut : WeightLayout::kOutIn; }
+  WeightLayout base_layout() const {
+    return fan_in_fan_out ? WeightLayout::kInOut : WeightLayout::kOutIn;
+  }
 
   /// The module named `name`, or nullptr.
   const LoraModule* find_module(const std::string& name) const {
@@ -109,7 +111,8 @@ inline constexpr const char* kPeftASuffix = ".lora_A.weight";
 inline constexpr const char* kPeftBSuffix = ".lora_B.weight";
 
 inline bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+  return s.size() >= suffix.size() &&
+         s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
 // PEFT's get_pattern_key rule: pattern key k applies to module path m when
@@ -176,7 +179,8 @@ inline std::string config_string(const nlohmann::ordered_json& config, const cha
 inline bool json_positive_int(const nlohmann::ordered_json& v, std::int64_t& out) {
   if (v.is_number_unsigned()) {
     if (v.get<std::uint64_t>() == 0 ||
-        v.get<std::uint64_t>() > static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max())) {
+        v.get<std::uint64_t>() >
+            static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max())) {
       return false;
     }
     out = static_cast<std::int64_t>(v.get<std::uint64_t>());
@@ -309,7 +313,8 @@ inline PeftAdapter read_peft_adapter(const std::string& dir) {
   namespace fs = std::filesystem;
   const fs::path config_path = fs::path(dir) / kPeftConfigFile;
   const fs::path weights_path = fs::path(dir) / kPeftWeightsFile;
-  const std::string config_where = ::rankwise::detail::concat("PEFT config \"", config_path.string(), "\"");
+  const std::string config_where =
+      ::rankwise::detail::concat("PEFT config \"", config_path.string(), "\"");
   const std::string weights_where =
       ::rankwise::detail::concat("PEFT weights \"", weights_path.string(), "\"");
 
@@ -336,8 +341,8 @@ inline PeftAdapter read_peft_adapter(const std::string& dir) {
     RANKWISE_CHECK_CODE(key.compare(0, prefix.size(), prefix) == 0 && (is_a || is_b) &&
                             key.size() > prefix.size() + suffix,
                         ErrorCode::kIo, weights_where, ": tensor \"", key,
-                        "\" is not a LoRA weight (expected ", prefix, "<module>", detail::kPeftASuffix,
-                        " or ", detail::kPeftBSuffix,
+                        "\" is not a LoRA weight (expected ", prefix, "<module>",
+                        detail::kPeftASuffix, " or ", detail::kPeftBSuffix,
                         "; DoRA, bias, embedding and modules_to_save tensors are not supported)");
     const std::string module = key.substr(prefix.size(), key.size() - prefix.size() - suffix);
     (is_a ? pairs[module].a : pairs[module].b) = &kv.second;
@@ -369,8 +374,8 @@ inline PeftAdapter read_peft_adapter(const std::string& dir) {
                         ": rank mismatch: the config gives rank ", m.rank, ", lora_A is ",
                         detail::shape_string(m.a.shape), " (rank x d_in) and lora_B is ",
                         detail::shape_string(m.b.shape), " (d_out x rank)");
-    RANKWISE_CHECK_CODE(m.d_in() > 0 && m.d_out() > 0, ErrorCode::kIo, at,
-                        ": empty lora_A ", detail::shape_string(m.a.shape), " or lora_B ",
+    RANKWISE_CHECK_CODE(m.d_in() > 0 && m.d_out() > 0, ErrorCode::kIo, at, ": empty lora_A ",
+                        detail::shape_string(m.a.shape), " or lora_B ",
                         detail::shape_string(m.b.shape));
     adapter.modules.push_back(std::move(m));
   }
@@ -466,8 +471,9 @@ inline std::string peft_config_text(const PeftAdapter& adapter, std::int64_t r, 
 
   config["alpha_pattern"] = alpha_pattern;
   config["auto_mapping"] = nullptr;
-  config["base_model_name_or_path"] =
-      adapter.base_model_name_or_path.empty() ? json(nullptr) : json(adapter.base_model_name_or_path);
+  config["base_model_name_or_path"] = adapter.base_model_name_or_path.empty()
+                                          ? json(nullptr)
+                                          : json(adapter.base_model_name_or_path);
   config["bias"] = "none";
   config["corda_config"] = nullptr;
   config["eva_config"] = nullptr;
@@ -502,8 +508,9 @@ inline std::string peft_config_text(const PeftAdapter& adapter, std::int64_t r, 
     // ensure_ascii, as Python's json.dumps.
     return config.dump(2, ' ', true, json::error_handler_t::strict);
   } catch (const json::exception&) {
-    RANKWISE_CHECK(false, "PEFT writer: base_model_name_or_path, task_type, target_modules or a "
-                          "module name is not valid UTF-8");
+    RANKWISE_CHECK(false,
+                   "PEFT writer: base_model_name_or_path, task_type, target_modules or a "
+                   "module name is not valid UTF-8");
   }
   return {};
 }
@@ -513,9 +520,11 @@ inline void check_module(const LoraModule& m, ScaleRule rule) {
   RANKWISE_CHECK(!m.name.empty(), "PEFT writer: a module has an empty name");
   RANKWISE_CHECK(m.rank > 0, at, ": rank must be positive, got ", m.rank);
   RANKWISE_CHECK(m.a.shape.size() == 2 && m.a.shape[0] == m.rank && m.a.shape[1] > 0, at,
-                 ": lora_A has shape ", shape_string(m.a.shape), ", expected (", m.rank, " x d_in)");
+                 ": lora_A has shape ", shape_string(m.a.shape), ", expected (", m.rank,
+                 " x d_in)");
   RANKWISE_CHECK(m.b.shape.size() == 2 && m.b.shape[1] == m.rank && m.b.shape[0] > 0, at,
-                 ": lora_B has shape ", shape_string(m.b.shape), ", expected (d_out x ", m.rank, ")");
+                 ": lora_B has shape ", shape_string(m.b.shape), ", expected (d_out x ", m.rank,
+                 ")");
   const auto a_numel = checked_numel(m.a.shape);
   const auto b_numel = checked_numel(m.b.shape);
   RANKWISE_CHECK(a_numel && b_numel && static_cast<std::int64_t>(m.a.values.size()) == *a_numel &&
@@ -554,7 +563,8 @@ void write_peft_adapter_impl(const PeftAdapter& adapter, const std::string& dir,
   const std::int64_t r = most_common(ranks, adapter.r);
   const double alpha = most_common(alphas, adapter.lora_alpha);
   const auto rank_pattern = module_patterns(adapter.modules, &module_rank, r, "rank_pattern");
-  const auto alpha_pattern = module_patterns(adapter.modules, &module_alpha, alpha, "alpha_pattern");
+  const auto alpha_pattern =
+      module_patterns(adapter.modules, &module_alpha, alpha, "alpha_pattern");
 
   std::vector<std::string> targets = adapter.target_modules;
   if (adapter.target_modules_regex.empty() && targets.empty()) {
@@ -580,18 +590,20 @@ void write_peft_adapter_impl(const PeftAdapter& adapter, const std::string& dir,
     if (!adapter.target_modules_regex.empty()) {
       targeted = !target_regex || std::regex_match(m.name, *target_regex);
     } else {
-      for (const auto& t : targets) targeted = targeted || m.name == t || ends_with(m.name, "." + t);
+      for (const auto& t : targets)
+        targeted = targeted || m.name == t || ends_with(m.name, "." + t);
     }
     RANKWISE_CHECK(targeted, "PEFT writer: module \"", m.name,
                    "\" is not matched by target_modules, so PEFT would not load it");
   }
-  const std::string config_text = peft_config_text(adapter, r, alpha, rank_pattern, alpha_pattern, targets);
+  const std::string config_text =
+      peft_config_text(adapter, r, alpha, rank_pattern, alpha_pattern, targets);
 
   // Where the output goes.
   fs::path target(dir);
   if (!target.has_filename()) target = target.parent_path();  // "out/" names "out"
-  RANKWISE_CHECK_CODE(!target.empty() && target.has_filename(), ErrorCode::kIo,
-                      "PEFT writer: \"", dir, "\" does not name a directory to write");
+  RANKWISE_CHECK_CODE(!target.empty() && target.has_filename(), ErrorCode::kIo, "PEFT writer: \"",
+                      dir, "\" does not name a directory to write");
   const fs::path parent = target.has_parent_path() ? target.parent_path() : fs::path(".");
   std::error_code ec;
   const bool exists = fs::exists(target, ec);
@@ -612,13 +624,14 @@ void write_peft_adapter_impl(const PeftAdapter& adapter, const std::string& dir,
   const fs::path staging = temporary_sibling(target, "tmp");
   fs::create_directory(staging, ec);
   RANKWISE_CHECK_CODE(!ec, ErrorCode::kIo, "PEFT writer: cannot create the temporary directory \"",
-                      staging.string(), "\" next to \"", target.string(), "\" (", ec.message(), ")");
+                      staging.string(), "\" next to \"", target.string(), "\" (", ec.message(),
+                      ")");
   const char* names[2] = {kPeftWeightsFile, kPeftConfigFile};
   bool moved[2] = {false, false};   // new file now in target
   bool backed[2] = {false, false};  // old file kept in staging as <name>.old
   try {
-    write_file_atomically(staging / kPeftConfigFile,
-                          [&](std::ostream& out) { out << config_text; }, "PEFT config");
+    write_file_atomically(
+        staging / kPeftConfigFile, [&](std::ostream& out) { out << config_text; }, "PEFT config");
     SafetensorsFile weights;
     weights.metadata = std::map<std::string, std::string>{{"format", "pt"}};
     for (const auto& m : adapter.modules) {

@@ -1,4 +1,5 @@
-// Safetensors files: a validating reader, a deterministic writer, and bit-exact F16/BF16 conversions.
+// Safetensors files: a validating reader, a deterministic writer, and bit-exact F16/BF16
+// conversions.
 #pragma once
 
 #include <algorithm>
@@ -12,14 +13,13 @@
 #include <fstream>
 #include <limits>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <set>
 #include <string>
 #include <system_error>
 #include <utility>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "rankwise/core/error.hpp"
 #include "rankwise/core/tensor_map.hpp"
@@ -73,17 +73,28 @@ struct DTypeInfo {
 // that every tensor's data starts aligned to its element size, as safetensors does.
 inline const DTypeInfo* dtype_table(std::size_t& count) {
   static const DTypeInfo table[] = {
-      {DType::kBool, "BOOL", 8, 0},          {DType::kF4, "F4", 4, 1},
-      {DType::kF6E2M3, "F6_E2M3", 6, 2},     {DType::kF6E3M2, "F6_E3M2", 6, 3},
-      {DType::kU8, "U8", 8, 4},              {DType::kI8, "I8", 8, 5},
-      {DType::kF8E5M2, "F8_E5M2", 8, 6},     {DType::kF8E4M3, "F8_E4M3", 8, 7},
-      {DType::kF8E8M0, "F8_E8M0", 8, 8},     {DType::kF8E4M3Fnuz, "F8_E4M3FNUZ", 8, 9},
-      {DType::kF8E5M2Fnuz, "F8_E5M2FNUZ", 8, 10}, {DType::kI16, "I16", 16, 11},
-      {DType::kU16, "U16", 16, 12},          {DType::kF16, "F16", 16, 13},
-      {DType::kBF16, "BF16", 16, 14},        {DType::kI32, "I32", 32, 15},
-      {DType::kU32, "U32", 32, 16},          {DType::kF32, "F32", 32, 17},
-      {DType::kC64, "C64", 64, 18},          {DType::kF64, "F64", 64, 19},
-      {DType::kI64, "I64", 64, 20},          {DType::kU64, "U64", 64, 21},
+      {DType::kBool, "BOOL", 8, 0},
+      {DType::kF4, "F4", 4, 1},
+      {DType::kF6E2M3, "F6_E2M3", 6, 2},
+      {DType::kF6E3M2, "F6_E3M2", 6, 3},
+      {DType::kU8, "U8", 8, 4},
+      {DType::kI8, "I8", 8, 5},
+      {DType::kF8E5M2, "F8_E5M2", 8, 6},
+      {DType::kF8E4M3, "F8_E4M3", 8, 7},
+      {DType::kF8E8M0, "F8_E8M0", 8, 8},
+      {DType::kF8E4M3Fnuz, "F8_E4M3FNUZ", 8, 9},
+      {DType::kF8E5M2Fnuz, "F8_E5M2FNUZ", 8, 10},
+      {DType::kI16, "I16", 16, 11},
+      {DType::kU16, "U16", 16, 12},
+      {DType::kF16, "F16", 16, 13},
+      {DType::kBF16, "BF16", 16, 14},
+      {DType::kI32, "I32", 32, 15},
+      {DType::kU32, "U32", 32, 16},
+      {DType::kF32, "F32", 32, 17},
+      {DType::kC64, "C64", 64, 18},
+      {DType::kF64, "F64", 64, 19},
+      {DType::kI64, "I64", 64, 20},
+      {DType::kU64, "U64", 64, 21},
   };
   count = sizeof(table) / sizeof(table[0]);
   return table;
@@ -95,7 +106,8 @@ inline const DTypeInfo& dtype_info(DType dtype) {
   for (std::size_t i = 0; i < count; ++i) {
     if (table[i].dtype == dtype) return table[i];
   }
-  RANKWISE_CHECK(false, "safetensors: DType value ", static_cast<int>(dtype), " is not a known dtype");
+  RANKWISE_CHECK(false, "safetensors: DType value ", static_cast<int>(dtype),
+                 " is not a known dtype");
   return table[0];  // unreachable
 }
 
@@ -228,14 +240,18 @@ inline std::uint16_t double_to_half_bits(double value) {
   return static_cast<std::uint16_t>(detail::encode_float_bits(value, 5, 10));
 }
 /// The exact value of IEEE binary16 bits.
-inline double half_bits_to_double(std::uint16_t bits) { return detail::decode_float_bits(bits, 5, 10); }
+inline double half_bits_to_double(std::uint16_t bits) {
+  return detail::decode_float_bits(bits, 5, 10);
+}
 
 /// bfloat16 bits of `value`, rounded to nearest, ties to even.
 inline std::uint16_t double_to_bfloat16_bits(double value) {
   return static_cast<std::uint16_t>(detail::encode_float_bits(value, 8, 7));
 }
 /// The exact value of bfloat16 bits.
-inline double bfloat16_bits_to_double(std::uint16_t bits) { return detail::decode_float_bits(bits, 8, 7); }
+inline double bfloat16_bits_to_double(std::uint16_t bits) {
+  return detail::decode_float_bits(bits, 8, 7);
+}
 
 /// IEEE binary32 bits of `value`, rounded to nearest, ties to even. Done on the
 /// bits rather than by a cast so that signalling NaNs keep their bits too.
@@ -243,7 +259,9 @@ inline std::uint32_t double_to_float_bits(double value) {
   return static_cast<std::uint32_t>(detail::encode_float_bits(value, 8, 23));
 }
 /// The exact value of IEEE binary32 bits.
-inline double float_bits_to_double(std::uint32_t bits) { return detail::decode_float_bits(bits, 8, 23); }
+inline double float_bits_to_double(std::uint32_t bits) {
+  return detail::decode_float_bits(bits, 8, 23);
+}
 
 // ---------------------------------------------------------------------------
 // In-memory file
@@ -412,7 +430,8 @@ inline ParsedHeader parse_header(const std::string& label, const std::string& te
   try {
     header = nlohmann::json::parse(text.begin(), text.end(), callback);
   } catch (const nlohmann::json::exception& e) {
-    RANKWISE_CHECK_CODE(false, ErrorCode::kIo, where, ": header is not valid JSON (", e.what(), ")");
+    RANKWISE_CHECK_CODE(false, ErrorCode::kIo, where, ": header is not valid JSON (", e.what(),
+                        ")");
   }
   if (duplicate) {
     RANKWISE_CHECK_CODE(duplicate_parent != "__metadata__", ErrorCode::kIo, where,
@@ -480,12 +499,11 @@ inline ParsedHeader parse_header(const std::string& label, const std::string& te
                         " overflows or is not a whole number of bytes");
 
     const auto offsets_it = value.find("data_offsets");
-    RANKWISE_CHECK_CODE(offsets_it != value.end() && offsets_it->is_array() &&
-                            offsets_it->size() == 2 &&
-                            json_non_negative_int((*offsets_it)[0], entry.begin) &&
-                            json_non_negative_int((*offsets_it)[1], entry.end),
-                        ErrorCode::kIo, at,
-                        ": data_offsets must be [begin, end], two non-negative integers");
+    RANKWISE_CHECK_CODE(
+        offsets_it != value.end() && offsets_it->is_array() && offsets_it->size() == 2 &&
+            json_non_negative_int((*offsets_it)[0], entry.begin) &&
+            json_non_negative_int((*offsets_it)[1], entry.end),
+        ErrorCode::kIo, at, ": data_offsets must be [begin, end], two non-negative integers");
     RANKWISE_CHECK_CODE(entry.begin <= entry.end, ErrorCode::kIo, at, ": data_offsets begin ",
                         entry.begin, " is past end ", entry.end);
     RANKWISE_CHECK_CODE(entry.end - entry.begin == *bytes, ErrorCode::kIo, at, ": data_offsets [",
@@ -538,8 +556,8 @@ SafetensorsFile read_safetensors_from(const std::string& label, std::uint64_t fi
   std::uint8_t prefix[8];
   read(0, prefix, 8);
   const std::uint64_t n = load_le(prefix, 8);
-  RANKWISE_CHECK_CODE(n <= kMaxSafetensorsHeaderBytes, ErrorCode::kIo, where, ": header length ",
-                      n, " exceeds the limit of ", kMaxSafetensorsHeaderBytes, " bytes");
+  RANKWISE_CHECK_CODE(n <= kMaxSafetensorsHeaderBytes, ErrorCode::kIo, where, ": header length ", n,
+                      " exceeds the limit of ", kMaxSafetensorsHeaderBytes, " bytes");
   RANKWISE_CHECK_CODE(n <= file_bytes - 8, ErrorCode::kIo, where, ": header length ", n,
                       " exceeds the ", file_bytes - 8, " bytes after the length prefix");
 
@@ -555,7 +573,8 @@ SafetensorsFile read_safetensors_from(const std::string& label, std::uint64_t fi
     tensor.shape = std::move(entry.shape);
     const std::uint64_t bytes = entry.end - entry.begin;
     RANKWISE_CHECK_CODE(bytes <= std::numeric_limits<std::size_t>::max(), ErrorCode::kIo,
-                        tensor_where(label, entry.name), ": ", bytes, " bytes do not fit in memory");
+                        tensor_where(label, entry.name), ": ", bytes,
+                        " bytes do not fit in memory");
     tensor.data.resize(static_cast<std::size_t>(bytes));
     if (bytes > 0) read(8 + n + entry.begin, tensor.data.data(), static_cast<std::size_t>(bytes));
     file.tensors.emplace(std::move(entry.name), std::move(tensor));
@@ -585,7 +604,8 @@ inline SafetensorsFile read_safetensors(const std::string& path) {
   std::error_code ec;
   const bool regular = std::filesystem::is_regular_file(path, ec);
   RANKWISE_CHECK_CODE(regular && !ec, ErrorCode::kIo, detail::file_where(path),
-                      ": not a readable regular file", ec ? ::rankwise::detail::concat(" (", ec.message(), ")") : std::string());
+                      ": not a readable regular file",
+                      ec ? ::rankwise::detail::concat(" (", ec.message(), ")") : std::string());
   const std::uintmax_t size = std::filesystem::file_size(path, ec);
   RANKWISE_CHECK_CODE(!ec, ErrorCode::kIo, detail::file_where(path), ": cannot get its size (",
                       ec.message(), ")");
@@ -632,7 +652,8 @@ inline PreparedFile prepare_file(const SafetensorsFile& file) {
   for (const auto& kv : file.tensors) {
     const std::string& name = kv.first;
     const SafetensorsTensor& t = kv.second;
-    RANKWISE_CHECK(name != "__metadata__", "safetensors writer: a tensor may not be named __metadata__");
+    RANKWISE_CHECK(name != "__metadata__",
+                   "safetensors writer: a tensor may not be named __metadata__");
     const auto numel = checked_numel(t.shape);
     RANKWISE_CHECK(numel.has_value(), "safetensors writer: tensor \"", name, "\" has shape ",
                    shape_string(t.shape), " with a negative dimension or too many elements");
@@ -686,7 +707,8 @@ inline PreparedFile prepare_file(const SafetensorsFile& file) {
   h += '}';
   h.append((8 - h.size() % 8) % 8, ' ');
   RANKWISE_CHECK(h.size() <= kMaxSafetensorsHeaderBytes, "safetensors writer: the header would be ",
-                 h.size(), " bytes, over the ", kMaxSafetensorsHeaderBytes, "-byte limit readers enforce");
+                 h.size(), " bytes, over the ", kMaxSafetensorsHeaderBytes,
+                 "-byte limit readers enforce");
   return out;
 }
 
@@ -694,8 +716,8 @@ inline PreparedFile prepare_file(const SafetensorsFile& file) {
 inline std::filesystem::path temporary_sibling(const std::filesystem::path& target,
                                                const char* tag) {
   static std::atomic<unsigned> counter{0};
-  const auto ticks = static_cast<unsigned long long>(
-      std::chrono::steady_clock::now().time_since_epoch().count());
+  const auto ticks =
+      static_cast<unsigned long long>(std::chrono::steady_clock::now().time_since_epoch().count());
   const auto mix = ticks ^ (static_cast<unsigned long long>(++counter) << 48) ^
                    static_cast<unsigned long long>(reinterpret_cast<std::uintptr_t>(&counter));
   char hex[17];
@@ -792,10 +814,9 @@ inline HostTensor to_host_tensor(const SafetensorsTensor& tensor, const std::str
                  detail::shape_string(tensor.shape));
   const int width = dtype_bits(tensor.dtype) / 8;
   const auto bytes = detail::checked_bytes(*numel, tensor.dtype);
-  RANKWISE_CHECK(bytes.has_value() && tensor.data.size() == *bytes,
-                 "safetensors: tensor \"", name, "\" holds ", tensor.data.size(),
-                 " bytes for shape ", detail::shape_string(tensor.shape), " in ",
-                 dtype_name(tensor.dtype));
+  RANKWISE_CHECK(bytes.has_value() && tensor.data.size() == *bytes, "safetensors: tensor \"", name,
+                 "\" holds ", tensor.data.size(), " bytes for shape ",
+                 detail::shape_string(tensor.shape), " in ", dtype_name(tensor.dtype));
   HostTensor out;
   out.shape = tensor.shape;
   out.values.resize(static_cast<std::size_t>(*numel));
@@ -803,10 +824,18 @@ inline HostTensor to_host_tensor(const SafetensorsTensor& tensor, const std::str
   for (std::size_t i = 0; i < out.values.size(); ++i, p += width) {
     const std::uint64_t bits = detail::load_le(p, width);
     switch (tensor.dtype) {
-      case DType::kF32: out.values[i] = detail::decode_float_bits(bits, 8, 23); break;
-      case DType::kF16: out.values[i] = detail::decode_float_bits(bits, 5, 10); break;
-      case DType::kBF16: out.values[i] = detail::decode_float_bits(bits, 8, 7); break;
-      default: std::memcpy(&out.values[i], &bits, sizeof(double)); break;  // F64
+      case DType::kF32:
+        out.values[i] = detail::decode_float_bits(bits, 8, 23);
+        break;
+      case DType::kF16:
+        out.values[i] = detail::decode_float_bits(bits, 5, 10);
+        break;
+      case DType::kBF16:
+        out.values[i] = detail::decode_float_bits(bits, 8, 7);
+        break;
+      default:
+        std::memcpy(&out.values[i], &bits, sizeof(double));
+        break;  // F64
     }
   }
   return out;
@@ -862,7 +891,8 @@ inline TensorMap to_tensor_map(const SafetensorsFile& file) {
 /// Every tensor of `map` stored as `dtype` (see from_host_tensor), no metadata.
 inline SafetensorsFile from_tensor_map(const TensorMap& map, DType dtype) {
   SafetensorsFile out;
-  for (const auto& kv : map) out.tensors.emplace(kv.first, from_host_tensor(kv.second, dtype, kv.first));
+  for (const auto& kv : map)
+    out.tensors.emplace(kv.first, from_host_tensor(kv.second, dtype, kv.first));
   return out;
 }
 

@@ -9,6 +9,7 @@
 
 #include "rankwise/backend/kernels_decl.hpp"
 #include "rankwise/core/tensor_map.hpp"
+#include "rankwise/detail/owned_workspace.hpp"
 #include "rankwise/layers/rank_units.hpp"
 
 namespace rankwise {
@@ -24,8 +25,9 @@ class Lego {
 
   Lego(Context<Backend>& ctx, std::int64_t d_in, std::int64_t d_out, std::int64_t rank)
       : ctx_(&ctx), d_in_(d_in), d_out_(d_out), rank_(rank) {
-    RANKWISE_CHECK(d_in > 0 && d_out > 0 && rank > 0, "Lego: d_in, d_out and rank must be positive, got ",
-                   d_in, ", ", d_out, ", ", rank);
+    RANKWISE_CHECK(d_in > 0 && d_out > 0 && rank > 0,
+                   "Lego: d_in, d_out and rank must be positive, got ", d_in, ", ", d_out, ", ",
+                   rank);
     a_.resize(rank * d_in);
     bt_.resize(rank * d_out);
     grad_a_.resize(rank * d_in);
@@ -49,27 +51,29 @@ class Lego {
     const HostTensor& g_in = require_tensor(map, "gates", {rank_});
     std::vector<double> bt_values(b_in.values.size());
     for (std::int64_t o = 0; o < d_out_; ++o) {
-      for (std::int64_t j = 0; j < rank_; ++j) bt_values[j * d_out_ + o] = b_in.values[o * rank_ + j];
+      for (std::int64_t j = 0; j < rank_; ++j)
+        bt_values[j * d_out_ + o] = b_in.values[o * rank_ + j];
     }
     Kernels::upload_doubles(*ctx_, a_in.values.data(), a());
     Kernels::upload_doubles(*ctx_, bt_values.data(), bt());
-    rankwise::Kernels<Backend, Acc>::upload_doubles(*ctx_, g_in.values.data(), gates_.view(1, rank_));
+    rankwise::Kernels<Backend, Acc>::upload_doubles(*ctx_, g_in.values.data(),
+                                                    gates_.view(1, rank_));
   }
 
   /// y (n x d_out) += Σ_j gate_j b_j (a_j · x) for x (n x d_in).
   void forward(MatrixView<const T> x, MatrixView<T> y, RankUnitPath path = RankUnitPath::kAuto) {
-    reserve(rank_units_forward_workspace_bytes<T>(x.rows, rank_, rank_));
+    workspace_.reserve(rank_units_forward_workspace_bytes<T>(x.rows, rank_, rank_));
     rank_units_forward<Backend, T>(*ctx_, 1.0, x, a(), bt(), routing(x.rows), y, path,
-                                   workspace_.data(), workspace_bytes());
+                                   workspace_.data(), workspace_.bytes());
   }
 
   /// Gradients wrt the merged units (for fine-tuning the merge) and x.
   void backward(MatrixView<const T> x, MatrixView<const T> dy, MatrixView<T> dx = {},
                 RankUnitPath path = RankUnitPath::kAuto) {
-    reserve(rank_units_backward_workspace_bytes<T>(x.rows, rank_, rank_));
+    workspace_.reserve(rank_units_backward_workspace_bytes<T>(x.rows, rank_, rank_));
     rank_units_backward<Backend, T>(*ctx_, 1.0, x, a(), bt(), routing(x.rows), dy, dx, grad_a(),
                                     grad_bt(), MatrixView<Acc>(), false, path, workspace_.data(),
-                                    workspace_bytes());
+                                    workspace_.bytes());
   }
 
   MatrixView<T> a() { return a_.view(rank_, d_in_); }
@@ -84,27 +88,15 @@ class Lego {
             MatrixView<const Acc>(gates_.data(), n, rank_, Backend::kMemorySpace, 0)};
   }
 
-  void reserve(std::size_t bytes) {
-    const auto words = ceil_div(static_cast<std::int64_t>(bytes),
-                                static_cast<std::int64_t>(sizeof(WorkspaceWord)));
-    if (words > workspace_.size()) workspace_.resize(words);
-  }
-  std::size_t workspace_bytes() const {
-    return static_cast<std::size_t>(workspace_.size()) * sizeof(WorkspaceWord);
-  }
-  struct alignas(kWorkspaceAlignment) WorkspaceWord {
-    unsigned char bytes[kWorkspaceAlignment];
-  };
-
   Context<Backend>* ctx_;
   std::int64_t d_in_, d_out_, rank_;
-  Buffer<Backend, T> a_;                  // (k, d_in)
-  Buffer<Backend, T> bt_;                 // (k, d_out)
-  Buffer<Backend, T> grad_a_;             // (k, d_in)
-  Buffer<Backend, T> grad_bt_;            // (k, d_out)
-  Buffer<Backend, Acc> gates_;            // (k)
-  Buffer<Backend, std::int32_t> units_;   // (k): 0..k-1
-  Buffer<Backend, WorkspaceWord> workspace_;
+  Buffer<Backend, T> a_;                 // (k, d_in)
+  Buffer<Backend, T> bt_;                // (k, d_out)
+  Buffer<Backend, T> grad_a_;            // (k, d_in)
+  Buffer<Backend, T> grad_bt_;           // (k, d_out)
+  Buffer<Backend, Acc> gates_;           // (k)
+  Buffer<Backend, std::int32_t> units_;  // (k): 0..k-1
+  detail::OwnedWorkspace<Backend> workspace_;
 };
 
 }  // namespace rankwise

@@ -9,6 +9,7 @@
 #include "rankwise/core/lora_config.hpp"
 #include "rankwise/core/parameter.hpp"
 #include "rankwise/core/random.hpp"
+#include "rankwise/detail/owned_workspace.hpp"
 #include "rankwise/layers/lora_ops.hpp"
 
 namespace rankwise {
@@ -28,9 +29,13 @@ class Lora {
 
   /// Allocates A and B (zero) and their gradients. Throws on an invalid config.
   Lora(Context<Backend>& ctx, const LoraConfig& config)
-      : ctx_(&ctx), config_(config), scale_(config.scale()),
-        a_(config.rank * config.d_in), bt_(config.rank * config.d_out),
-        grad_a_(config.rank * config.d_in), grad_bt_(config.rank * config.d_out) {
+      : ctx_(&ctx),
+        config_(config),
+        scale_(config.scale()),
+        a_(config.rank * config.d_in),
+        bt_(config.rank * config.d_out),
+        grad_a_(config.rank * config.d_in),
+        grad_bt_(config.rank * config.d_out) {
     Kernels::fill(ctx, a(), 0.0);
     Kernels::fill(ctx, bt(), 0.0);
     zero_grad();
@@ -70,9 +75,8 @@ class Lora {
 
   /// y += s * B A x for the n rows of x (n x d_in); y is (n x d_out).
   void forward(MatrixView<const T> x, MatrixView<T> y) {
-    reserve_workspace(lora_forward_workspace_bytes<T>(x.rows, config_.rank));
-    lora_forward<Backend, T>(*ctx_, scale_, x, a(), bt(), y, workspace_.data(),
-                             workspace_bytes());
+    workspace_.reserve(lora_forward_workspace_bytes<T>(x.rows, config_.rank));
+    lora_forward<Backend, T>(*ctx_, scale_, x, a(), bt(), y, workspace_.data(), workspace_.bytes());
   }
 
   /// y = x W0ᵀ + s * B A x: the base product and the adapter in one call.
@@ -88,9 +92,9 @@ class Lora {
   /// dx (n x d_in), when given, receives += the adapter's part of ∂L/∂x.
   void backward(MatrixView<const T> x, MatrixView<const T> dy, MatrixView<T> dx = {},
                 bool accumulate = false) {
-    reserve_workspace(lora_backward_workspace_bytes<T>(x.rows, config_.rank));
-    lora_backward<Backend, T>(*ctx_, scale_, x, a(), bt(), dy, dx, grad_a(), grad_bt(),
-                              accumulate, workspace_.data(), workspace_bytes());
+    workspace_.reserve(lora_backward_workspace_bytes<T>(x.rows, config_.rank));
+    lora_backward<Backend, T>(*ctx_, scale_, x, a(), bt(), dy, dx, grad_a(), grad_bt(), accumulate,
+                              workspace_.data(), workspace_.bytes());
   }
 
   /// W0 += s B A (merge) and W0 -= s B A (unmerge), W0 stored as `layout` says.
@@ -124,9 +128,7 @@ class Lora {
     return {{"lora_A", a(), grad_a()}, {"lora_B_t", bt(), grad_bt()}};
   }
 
-  std::int64_t num_parameters() const {
-    return config_.rank * (config_.d_in + config_.d_out);
-  }
+  std::int64_t num_parameters() const { return config_.rank * (config_.d_in + config_.d_out); }
 
  private:
   void check_base(const MatrixView<const T>& w0, WeightLayout layout) const {
@@ -138,29 +140,14 @@ class Lora {
     }
   }
 
-  // Grows the owned workspace; never shrinks, so steady-state calls allocate nothing.
-  void reserve_workspace(std::size_t bytes) {
-    const auto words = static_cast<std::int64_t>(ceil_div(static_cast<std::int64_t>(bytes),
-                                                          sizeof(WorkspaceWord)));
-    if (words > workspace_.size()) workspace_.resize(words);
-  }
-  std::size_t workspace_bytes() const {
-    return static_cast<std::size_t>(workspace_.size()) * sizeof(WorkspaceWord);
-  }
-
-  // 256-byte words keep the workspace aligned as WorkspaceCarver requires.
-  struct alignas(kWorkspaceAlignment) WorkspaceWord {
-    unsigned char bytes[kWorkspaceAlignment];
-  };
-
   Context<Backend>* ctx_;
   LoraConfig config_;
   double scale_;
-  Buffer<Backend, T> a_;         // (r, d_in)
-  Buffer<Backend, T> bt_;        // (r, d_out)
-  Buffer<Backend, T> grad_a_;    // (r, d_in)
-  Buffer<Backend, T> grad_bt_;   // (r, d_out)
-  Buffer<Backend, WorkspaceWord> workspace_;
+  Buffer<Backend, T> a_;        // (r, d_in)
+  Buffer<Backend, T> bt_;       // (r, d_out)
+  Buffer<Backend, T> grad_a_;   // (r, d_in)
+  Buffer<Backend, T> grad_bt_;  // (r, d_out)
+  detail::OwnedWorkspace<Backend> workspace_;
 };
 
 }  // namespace rankwise

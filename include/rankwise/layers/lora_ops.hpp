@@ -51,9 +51,9 @@ void check_lora_factors(const char* fn, double scale, const MatrixView<const T>&
 /// Throws rankwise::error on mismatched shapes, null data, wrong memory space,
 /// a non-finite scale or a short workspace, before any work is queued.
 template <class Backend, class T>
-void lora_forward(Context<Backend>& ctx, double scale, MatrixView<const T> x,
-                  MatrixView<const T> a, MatrixView<const T> bt, MatrixView<T> y,
-                  void* workspace, std::size_t workspace_bytes) {
+void lora_forward(Context<Backend>& ctx, double scale, MatrixView<const T> x, MatrixView<const T> a,
+                  MatrixView<const T> bt, MatrixView<T> y, void* workspace,
+                  std::size_t workspace_bytes) {
   using K = Kernels<Backend, T>;
   using Acc = accumulator_t<T>;
   constexpr MemorySpace space = Backend::kMemorySpace;
@@ -110,8 +110,8 @@ void lora_backward(Context<Backend>& ctx, double scale, MatrixView<const T> x,
 /// w0 is (d_out x d_in) for WeightLayout::kOutIn or (d_in x d_out) for kInOut.
 /// sign = +1 merges, -1 unmerges.
 template <class Backend, class T>
-void lora_merge(Context<Backend>& ctx, double scale, MatrixView<const T> a,
-                MatrixView<const T> bt, MatrixView<T> w0, WeightLayout layout, double sign) {
+void lora_merge(Context<Backend>& ctx, double scale, MatrixView<const T> a, MatrixView<const T> bt,
+                MatrixView<T> w0, WeightLayout layout, double sign) {
   using K = Kernels<Backend, T>;
   using Acc = accumulator_t<T>;
   detail::check_lora_factors<Backend, T>("lora_merge", scale, a, bt);

@@ -9,6 +9,7 @@
 #include "rankwise/backend/kernels_decl.hpp"
 #include "rankwise/core/shard_config.hpp"
 #include "rankwise/core/shard_indices.hpp"
+#include "rankwise/detail/owned_workspace.hpp"
 #include "rankwise/layers/lora_ops.hpp"
 #include "rankwise/layers/shard_pool.hpp"
 
@@ -39,7 +40,11 @@ class Mos {
   /// Index lists supplied by the caller, checked for length and range.
   Mos(ShardPool<T, Backend>& pool, std::int64_t layer, const MosConfig& config,
       ShardIndices indices, ShardPath path = ShardPath::kAuto)
-      : pool_(&pool), ctx_(&pool.context()), layer_(layer), config_(config), path_(path),
+      : pool_(&pool),
+        ctx_(&pool.context()),
+        layer_(layer),
+        config_(config),
+        path_(path),
         indices_(std::move(indices)) {
     const ShardPoolConfig& pc = pool.config();
     RANKWISE_CHECK(layer >= 0 && layer < pc.num_layers, "Mos: layer ", layer,
@@ -85,9 +90,9 @@ class Mos {
     if (n == 0) return;
     if (path_for(n) == ShardPath::kAssembled) {
       assemble();
-      reserve(lora_forward_workspace_bytes<T>(n, r));
+      workspace_.reserve(lora_forward_workspace_bytes<T>(n, r));
       lora_forward<Backend, T>(*ctx_, scale(), x, assembled_a(), assembled_bt(), y,
-                               workspace_.data(), workspace_bytes());
+                               workspace_.data(), workspace_.bytes());
       return;
     }
     const auto s = static_cast<Acc>(scale());
@@ -115,17 +120,19 @@ class Mos {
       grad_a_.resize(r * pc.d_in);
       grad_bt_.resize(r * pc.d_out);
       MatrixView<T> da = grad_a_.view(r, pc.d_in), dbt = grad_bt_.view(r, pc.d_out);
-      reserve(lora_backward_workspace_bytes<T>(n, r));
-      lora_backward<Backend, T>(*ctx_, scale(), x, assembled_a(), assembled_bt(), dy, dx, da,
-                                dbt, false, workspace_.data(), workspace_bytes());
+      workspace_.reserve(lora_backward_workspace_bytes<T>(n, r));
+      lora_backward<Backend, T>(*ctx_, scale(), x, assembled_a(), assembled_bt(), dy, dx, da, dbt,
+                                false, workspace_.data(), workspace_.bytes());
       // Row j·l + s of the assembled gradient belongs to shard list[j·l + s].
       const MatrixView<const Acc> ones = ones_.view(r * l, 1);
-      Kernels::scatter_axpy(*ctx_, Acc(1), ones, MatrixView<const T>(da.data, r * l, pc.shard_in(),
-                                                                     Backend::kMemorySpace),
-                            list_a_.view(r * l, 1), Acc(1), pool_->grad_a());
-      Kernels::scatter_axpy(*ctx_, Acc(1), ones, MatrixView<const T>(dbt.data, r * l, pc.shard_out(),
-                                                                     Backend::kMemorySpace),
-                            list_b_.view(r * l, 1), Acc(1), pool_->grad_b());
+      Kernels::scatter_axpy(
+          *ctx_, Acc(1), ones,
+          MatrixView<const T>(da.data, r * l, pc.shard_in(), Backend::kMemorySpace),
+          list_a_.view(r * l, 1), Acc(1), pool_->grad_a());
+      Kernels::scatter_axpy(
+          *ctx_, Acc(1), ones,
+          MatrixView<const T>(dbt.data, r * l, pc.shard_out(), Backend::kMemorySpace),
+          list_b_.view(r * l, 1), Acc(1), pool_->grad_b());
       return;
     }
     const auto s = static_cast<Acc>(scale());
@@ -153,8 +160,7 @@ class Mos {
     Kernels::copy(*ctx_, assembled_a(), Op::kNoTrans, a_out);
   }
   void get_b(MatrixView<T> b_out) {
-    check_view(b_out, "B (d_out x r)", pool_->config().d_out, config_.rank,
-               Backend::kMemorySpace);
+    check_view(b_out, "B (d_out x r)", pool_->config().d_out, config_.rank, Backend::kMemorySpace);
     assemble();
     Kernels::copy(*ctx_, assembled_bt(), Op::kTrans, b_out);
   }
@@ -207,7 +213,8 @@ class Mos {
     Kernels::gather_axpy(*ctx_, Acc(1), ones, pool_->b(), list_b_.view(q, 1), b_rows);
   }
   MatrixView<const T> assembled_a() const {
-    return MatrixView<const T>(a_.data(), config_.rank, pool_->config().d_in, Backend::kMemorySpace);
+    return MatrixView<const T>(a_.data(), config_.rank, pool_->config().d_in,
+                               Backend::kMemorySpace);
   }
   MatrixView<const T> assembled_bt() const {
     return MatrixView<const T>(bt_.data(), config_.rank, pool_->config().d_out,
@@ -221,39 +228,28 @@ class Mos {
   }
 
   void upload_ints(const std::vector<std::int32_t>& host, Buffer<Backend, std::int32_t>& dst) {
-    Kernels::upload_indices(*ctx_, host.data(), dst.view(1, static_cast<std::int64_t>(host.size())));
+    Kernels::upload_indices(*ctx_, host.data(),
+                            dst.view(1, static_cast<std::int64_t>(host.size())));
   }
-
-  void reserve(std::size_t bytes) {
-    const auto words = ceil_div(static_cast<std::int64_t>(bytes),
-                                static_cast<std::int64_t>(sizeof(WorkspaceWord)));
-    if (words > workspace_.size()) workspace_.resize(words);
-  }
-  std::size_t workspace_bytes() const {
-    return static_cast<std::size_t>(workspace_.size()) * sizeof(WorkspaceWord);
-  }
-  struct alignas(kWorkspaceAlignment) WorkspaceWord {
-    unsigned char bytes[kWorkspaceAlignment];
-  };
 
   ShardPool<T, Backend>* pool_;
   Context<Backend>* ctx_;
   std::int64_t layer_;
   MosConfig config_;
   ShardPath path_;
-  ShardIndices indices_;                       // host copy, saved with the adapter
-  Buffer<Backend, std::int32_t> list_a_;       // (r·l)  I_a
-  Buffer<Backend, std::int32_t> list_b_;       // (r·l)  I_b
-  Buffer<Backend, std::int32_t> pattern_a_;    // (l, r) I_a by chunk
-  Buffer<Backend, std::int32_t> pattern_b_;    // (l, r) I_b by chunk
-  Buffer<Backend, Acc> ones_;                  // (r·l)  unit coefficients of gathers
-  Buffer<Backend, T> a_;                       // (r, d_in)  assembled, kAssembled path
-  Buffer<Backend, T> bt_;                      // (r, d_out) assembled
-  Buffer<Backend, T> grad_a_;                  // (r, d_in)  before the scatter into the pool
-  Buffer<Backend, T> grad_bt_;                 // (r, d_out)
-  Buffer<Backend, Acc> h_;                     // (n, r) direct path
-  Buffer<Backend, Acc> dh_;                    // (n, r)
-  Buffer<Backend, WorkspaceWord> workspace_;
+  ShardIndices indices_;                     // host copy, saved with the adapter
+  Buffer<Backend, std::int32_t> list_a_;     // (r·l)  I_a
+  Buffer<Backend, std::int32_t> list_b_;     // (r·l)  I_b
+  Buffer<Backend, std::int32_t> pattern_a_;  // (l, r) I_a by chunk
+  Buffer<Backend, std::int32_t> pattern_b_;  // (l, r) I_b by chunk
+  Buffer<Backend, Acc> ones_;                // (r·l)  unit coefficients of gathers
+  Buffer<Backend, T> a_;                     // (r, d_in)  assembled, kAssembled path
+  Buffer<Backend, T> bt_;                    // (r, d_out) assembled
+  Buffer<Backend, T> grad_a_;                // (r, d_in)  before the scatter into the pool
+  Buffer<Backend, T> grad_bt_;               // (r, d_out)
+  Buffer<Backend, Acc> h_;                   // (n, r) direct path
+  Buffer<Backend, Acc> dh_;                  // (n, r)
+  detail::OwnedWorkspace<Backend> workspace_;
 };
 
 }  // namespace rankwise

@@ -86,8 +86,8 @@ void check_unit_routing(Context<Backend>& ctx, const UnitRouting<accumulator_t<T
   K::check_units(ctx, routing.units, rank, bad);
   const std::int32_t out_of_range = K::read_int(ctx, bad);
   RANKWISE_CHECK(out_of_range == 0, "routing: ", out_of_range, " of ", routing.units.size(),
-                 " unit indices in units ", shape_of(routing.units), " are outside [0, r = ",
-                 rank, ")");
+                 " unit indices in units ", shape_of(routing.units), " are outside [0, r = ", rank,
+                 ")");
 }
 
 /// Workspace bytes for rank_units_forward with n tokens, k units per token, rank r.
@@ -105,8 +105,8 @@ std::size_t rank_units_backward_workspace_bytes(std::int64_t n, std::int64_t k, 
   using Acc = accumulator_t<T>;
   const std::size_t sparse = 4 * workspace_block_bytes<Acc>(n, k);
   // Both paths may also carve dgates (n x k) when the caller passes none.
-  const std::size_t dense = 2 * workspace_block_bytes<T>(n, r) +
-                            workspace_block_bytes<Acc>(n, r) + 3 * workspace_block_bytes<Acc>(n, k);
+  const std::size_t dense = 2 * workspace_block_bytes<T>(n, r) + workspace_block_bytes<Acc>(n, r) +
+                            3 * workspace_block_bytes<Acc>(n, k);
   return sparse > dense ? sparse : dense;
 }
 
@@ -117,8 +117,8 @@ std::size_t rank_units_backward_workspace_bytes(std::int64_t n, std::int64_t k, 
 template <class Backend, class T>
 void rank_units_forward(Context<Backend>& ctx, double scale, MatrixView<const T> x,
                         MatrixView<const T> a, MatrixView<const T> bt,
-                        UnitRouting<accumulator_t<T>> routing, MatrixView<T> y,
-                        RankUnitPath path, void* workspace, std::size_t workspace_bytes) {
+                        UnitRouting<accumulator_t<T>> routing, MatrixView<T> y, RankUnitPath path,
+                        void* workspace, std::size_t workspace_bytes) {
   using K = Kernels<Backend, T>;
   using Acc = accumulator_t<T>;
   constexpr MemorySpace space = Backend::kMemorySpace;
@@ -140,8 +140,8 @@ void rank_units_forward(Context<Backend>& ctx, double scale, MatrixView<const T>
     K::gather_axpy(ctx, s, coef, bt, routing.units, y);
     return;
   }
-  MatrixView<T> h = carve.take<T>(n, r);          // X Aᵀ, then masked by the gates
-  MatrixView<Acc> gate = carve.take<Acc>(n, r);   // dense gates, 0 off the selection
+  MatrixView<T> h = carve.take<T>(n, r);         // X Aᵀ, then masked by the gates
+  MatrixView<Acc> gate = carve.take<Acc>(n, r);  // dense gates, 0 off the selection
   K::gemm(ctx, Acc(1), x, Op::kNoTrans, a, Op::kTrans, Acc(0), h);
   K::densify(ctx, routing.units, routing.gates, gate);
   K::scale_by(ctx, gate, h);

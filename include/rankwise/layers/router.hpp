@@ -105,9 +105,9 @@ void router_forward_from_logits(Context<Backend>& ctx, const RouterConfig& cfg,
 /// logits = x wrᵀ, accumulated in Acc, then as router_forward_from_logits.
 template <class Backend, class T>
 void router_forward(Context<Backend>& ctx, const RouterConfig& cfg, MatrixView<const T> x,
-                    MatrixView<const T> wr, MatrixView<const accumulator_t<T>> bias,
-                    TokenMask mask, const RoutingBuffers<accumulator_t<T>>& out,
-                    bool check_finite, void* workspace, std::size_t workspace_bytes) {
+                    MatrixView<const T> wr, MatrixView<const accumulator_t<T>> bias, TokenMask mask,
+                    const RoutingBuffers<accumulator_t<T>>& out, bool check_finite, void* workspace,
+                    std::size_t workspace_bytes) {
   using Acc = accumulator_t<T>;
   constexpr MemorySpace space = Backend::kMemorySpace;
   cfg.validate();
@@ -116,8 +116,8 @@ void router_forward(Context<Backend>& ctx, const RouterConfig& cfg, MatrixView<c
   WorkspaceCarver carve(workspace, workspace_bytes, space, "router_forward");
   MatrixView<Acc> logits = carve.take<Acc>(x.rows, cfg.num_experts());
   Kernels<Backend, T>::gemm_acc(ctx, Acc(1), x, Op::kNoTrans, wr, Op::kTrans, Acc(0), logits);
-  router_forward_from_logits<Backend, T>(ctx, cfg, logits, bias, mask, out, check_finite,
-                                         workspace, workspace_bytes);
+  router_forward_from_logits<Backend, T>(ctx, cfg, logits, bias, mask, out, check_finite, workspace,
+                                         workspace_bytes);
 }
 
 /// Backward of router_forward given ∂L/∂gates (n x k, Acc):

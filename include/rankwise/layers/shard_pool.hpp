@@ -22,8 +22,10 @@ class ShardPool {
   using Kernels = rankwise::Kernels<Backend, T>;
 
   ShardPool(Context<Backend>& ctx, const ShardPoolConfig& config)
-      : ctx_(&ctx), config_(validated(config)),
-        a_(config.num_shards() * config.shard_in()), b_(config.num_shards() * config.shard_out()),
+      : ctx_(&ctx),
+        config_(validated(config)),
+        a_(config.num_shards() * config.shard_in()),
+        b_(config.num_shards() * config.shard_out()),
         grad_a_(config.num_shards() * config.shard_in()),
         grad_b_(config.num_shards() * config.shard_out()) {
     Kernels::fill(ctx, a(), 0.0);

@@ -14,6 +14,7 @@
 #include "rankwise/core/random.hpp"
 #include "rankwise/core/router_config.hpp"
 #include "rankwise/core/tensor_map.hpp"
+#include "rankwise/detail/owned_workspace.hpp"
 #include "rankwise/layers/rank_units.hpp"
 #include "rankwise/layers/router.hpp"
 
@@ -65,17 +66,23 @@ class Smora {
   using Acc = accumulator_t<T>;
 
   Smora(Context<Backend>& ctx, const SmoraConfig& config)
-      : ctx_(&ctx), config_(validated(config)),
-        a_(rank() * config.d_in), bt_(rank() * config.d_out), wr_(experts() * config.d_in),
-        bias_(experts()), routed_bias_(experts()), grad_a_(rank() * config.d_in),
+      : ctx_(&ctx),
+        config_(validated(config)),
+        a_(rank() * config.d_in),
+        bt_(rank() * config.d_out),
+        wr_(experts() * config.d_in),
+        bias_(experts()),
+        routed_bias_(experts()),
+        grad_a_(rank() * config.d_in),
         grad_bt_(rank() * config.d_out),
-        grad_wr_(experts() * config.d_in), counts_(experts()) {
+        grad_wr_(experts() * config.d_in),
+        counts_(experts()) {
     Kernels::fill(ctx, a(), 0.0);
     Kernels::fill(ctx, bt(), 0.0);
     Kernels::fill(ctx, wr(), 0.0);
     rankwise::Kernels<Backend, Acc>::fill(ctx, bias(), 0.0);
     // Counting no tokens zeroes the counts, so update_bias() before any forward is a no-op.
-    Kernels::count_experts(ctx, prefix(experts_, 0, config_.router.experts_per_token()), {},
+    Kernels::count_experts(ctx, detail::prefix(experts_, 0, config_.router.experts_per_token()), {},
                            counts_.view(1, experts()));
     zero_grad();
   }
@@ -107,9 +114,9 @@ class Smora {
     // backward() differentiates the gates this forward computed, so it needs
     // the bias before this forward's balancing step.
     rankwise::Kernels<Backend, Acc>::copy(*ctx_, bias(), Op::kNoTrans, routed_bias());
-    reserve(rank_units_forward_workspace_bytes<T>(x.rows, top_k(), rank()));
+    workspace_.reserve(rank_units_forward_workspace_bytes<T>(x.rows, top_k(), rank()));
     rank_units_forward<Backend, T>(*ctx_, scale(), x, a(), bt(), routing().unit_routing(), y,
-                                   config_.path, workspace_.data(), workspace_bytes());
+                                   config_.path, workspace_.data(), workspace_.bytes());
     mask_ = mask;
     if (mode == Mode::kTraining && config_.update_bias_every_forward) update_bias();
   }
@@ -118,13 +125,14 @@ class Smora {
   /// gates, n x k, backend memory), bypassing the router: for engines that
   /// route once and apply many adapters. Every index is checked to be in [0, r).
   void forward(MatrixView<const T> x, UnitRouting<Acc> routing, MatrixView<T> y) {
-    reserve(std::max(check_unit_routing_workspace_bytes(),
-                     rank_units_forward_workspace_bytes<T>(x.rows, routing.units.cols, rank())));
+    workspace_.reserve(
+        std::max(check_unit_routing_workspace_bytes(),
+                 rank_units_forward_workspace_bytes<T>(x.rows, routing.units.cols, rank())));
     check_unit_routing<Backend, T>(*ctx_, routing, x.rows, rank(), workspace_.data(),
-                                   workspace_bytes());
+                                   workspace_.bytes());
     routed_tokens_ = -1;  // nothing here for backward() to differentiate
     rank_units_forward<Backend, T>(*ctx_, scale(), x, a(), bt(), routing, y, config_.path,
-                                   workspace_.data(), workspace_bytes());
+                                   workspace_.data(), workspace_.bytes());
   }
 
   /// Gradients for the last forward on x with upstream dy (n x d_out):
@@ -133,22 +141,22 @@ class Smora {
   /// The gates' gradient reaches W_r only through the selected experts.
   void backward(MatrixView<const T> x, MatrixView<const T> dy, MatrixView<T> dx = {},
                 bool accumulate = false) {
-    RANKWISE_CHECK(routed_tokens_ >= 0, "Smora::backward: no routed forward to differentiate "
+    RANKWISE_CHECK(routed_tokens_ >= 0,
+                   "Smora::backward: no routed forward to differentiate "
                    "(a forward with a user-supplied routing is inference only)");
     RANKWISE_CHECK(x.rows == routed_tokens_, "Smora::backward: x has ", x.rows,
                    " tokens but the last forward routed ", routed_tokens_);
     const std::int64_t n = x.rows;
-    grow(dgates_, n * top_k());
-    reserve(std::max(rank_units_backward_workspace_bytes<T>(n, top_k(), rank()),
-                     router_backward_workspace_bytes<T>(n, config_.router)));
-    MatrixView<Acc> dgates = prefix(dgates_, n, top_k());
-    rank_units_backward<Backend, T>(*ctx_, scale(), x, a(), bt(), routing().unit_routing(), dy,
-                                    dx, grad_a(), grad_bt(), dgates, accumulate, config_.path,
-                                    workspace_.data(), workspace_bytes());
+    detail::grow(dgates_, n * top_k());
+    workspace_.reserve(std::max(rank_units_backward_workspace_bytes<T>(n, top_k(), rank()),
+                                router_backward_workspace_bytes<T>(n, config_.router)));
+    MatrixView<Acc> dgates = detail::prefix(dgates_, n, top_k());
+    rank_units_backward<Backend, T>(*ctx_, scale(), x, a(), bt(), routing().unit_routing(), dy, dx,
+                                    grad_a(), grad_bt(), dgates, accumulate, config_.path,
+                                    workspace_.data(), workspace_.bytes());
     router_backward<Backend, T>(*ctx_, config_.router, x, wr(), routed_bias(), mask_, routing(),
-                                dgates,
-                                config_.aux_loss_coef, dx, grad_wr(), accumulate,
-                                workspace_.data(), workspace_bytes());
+                                dgates, config_.aux_loss_coef, dx, grad_wr(), accumulate,
+                                workspace_.data(), workspace_.bytes());
   }
 
   /// Loss-free balancing with the counts of the last forward:
@@ -159,11 +167,7 @@ class Smora {
 
   /// The routing of the last forward (backend memory). The mask given to a
   /// training forward must stay valid until its backward.
-  RoutingBuffers<Acc> routing() {
-    const std::int64_t n = routed_tokens_ < 0 ? 0 : routed_tokens_;
-    return {prefix(scores_, n, experts()), prefix(experts_, n, config_.router.experts_per_token()),
-            prefix(units_, n, top_k()), prefix(gates_, n, top_k()), counts_.view(1, experts())};
-  }
+  RoutingBuffers<Acc> routing() { return routing_views(routed_tokens_ < 0 ? 0 : routed_tokens_); }
 
   void zero_grad() {
     Kernels::fill(*ctx_, grad_a(), 0.0);
@@ -184,8 +188,7 @@ class Smora {
 
   /// Trainable tensors: "lora_A", "lora_B_t", "router". The bias is state, not trained.
   std::vector<ParameterRef<T>> parameters() {
-    return {{"lora_A", a(), grad_a()}, {"lora_B_t", bt(), grad_bt()},
-            {"router", wr(), grad_wr()}};
+    return {{"lora_A", a(), grad_a()}, {"lora_B_t", bt(), grad_bt()}, {"router", wr(), grad_wr()}};
   }
   std::int64_t num_parameters() const {
     return rank() * (config_.d_in + config_.d_out) + experts() * config_.d_in;
@@ -235,32 +238,24 @@ class Smora {
     return c;
   }
 
-  void route(MatrixView<const T> x, TokenMask mask) {
-    const std::int64_t n = x.rows;
-    grow(scores_, n * experts());
-    grow(experts_, n * config_.router.experts_per_token());
-    grow(units_, n * top_k());
-    grow(gates_, n * top_k());
-    routed_tokens_ = -1;  // set once the routing is complete
-    reserve(router_forward_workspace_bytes<T>(n, config_.router));
-    const RoutingBuffers<Acc> out{prefix(scores_, n, experts()),
-                                  prefix(experts_, n, config_.router.experts_per_token()),
-                                  prefix(units_, n, top_k()), prefix(gates_, n, top_k()),
-                                  counts_.view(1, experts())};
-    router_forward<Backend, T>(*ctx_, config_.router, x, wr(), bias(), mask, out,
-                               config_.check_finite, workspace_.data(), workspace_bytes());
-    routed_tokens_ = n;
+  RoutingBuffers<Acc> routing_views(std::int64_t n) {
+    return {detail::prefix(scores_, n, experts()),
+            detail::prefix(experts_, n, config_.router.experts_per_token()),
+            detail::prefix(units_, n, top_k()), detail::prefix(gates_, n, top_k()),
+            counts_.view(1, experts())};
   }
 
-  // Buffers grow and never shrink, so steady-state calls allocate nothing;
-  // views cover the first rows * cols elements.
-  template <class U>
-  static void grow(Buffer<Backend, U>& buffer, std::int64_t size) {
-    if (size > buffer.size()) buffer.resize(size);
-  }
-  template <class U>
-  static MatrixView<U> prefix(Buffer<Backend, U>& buffer, std::int64_t rows, std::int64_t cols) {
-    return MatrixView<U>(buffer.data(), rows, cols, Backend::kMemorySpace);
+  void route(MatrixView<const T> x, TokenMask mask) {
+    const std::int64_t n = x.rows;
+    detail::grow(scores_, n * experts());
+    detail::grow(experts_, n * config_.router.experts_per_token());
+    detail::grow(units_, n * top_k());
+    detail::grow(gates_, n * top_k());
+    routed_tokens_ = -1;  // set once the routing is complete
+    workspace_.reserve(router_forward_workspace_bytes<T>(n, config_.router));
+    router_forward<Backend, T>(*ctx_, config_.router, x, wr(), bias(), mask, routing_views(n),
+                               config_.check_finite, workspace_.data(), workspace_.bytes());
+    routed_tokens_ = n;
   }
 
   HostTensor download(MatrixView<T> v, std::vector<std::int64_t> shape) {
@@ -269,35 +264,23 @@ class Smora {
     return t;
   }
 
-  void reserve(std::size_t bytes) {
-    const auto words = ceil_div(static_cast<std::int64_t>(bytes),
-                                static_cast<std::int64_t>(sizeof(WorkspaceWord)));
-    if (words > workspace_.size()) workspace_.resize(words);
-  }
-  std::size_t workspace_bytes() const {
-    return static_cast<std::size_t>(workspace_.size()) * sizeof(WorkspaceWord);
-  }
-  struct alignas(kWorkspaceAlignment) WorkspaceWord {
-    unsigned char bytes[kWorkspaceAlignment];
-  };
-
   Context<Backend>* ctx_;
   SmoraConfig config_;
-  Buffer<Backend, T> a_;          // (r, d_in)
-  Buffer<Backend, T> bt_;         // (r, d_out)
-  Buffer<Backend, T> wr_;         // (E, d_in)
-  Buffer<Backend, Acc> bias_;     // (E)
-  Buffer<Backend, Acc> routed_bias_;  // (E) the bias of the last forward
-  Buffer<Backend, T> grad_a_;     // (r, d_in)
-  Buffer<Backend, T> grad_bt_;    // (r, d_out)
-  Buffer<Backend, T> grad_wr_;    // (E, d_in)
+  Buffer<Backend, T> a_;                   // (r, d_in)
+  Buffer<Backend, T> bt_;                  // (r, d_out)
+  Buffer<Backend, T> wr_;                  // (E, d_in)
+  Buffer<Backend, Acc> bias_;              // (E)
+  Buffer<Backend, Acc> routed_bias_;       // (E) the bias of the last forward
+  Buffer<Backend, T> grad_a_;              // (r, d_in)
+  Buffer<Backend, T> grad_bt_;             // (r, d_out)
+  Buffer<Backend, T> grad_wr_;             // (E, d_in)
   Buffer<Backend, std::int32_t> counts_;   // (E)
   Buffer<Backend, Acc> scores_;            // (n, E)
   Buffer<Backend, std::int32_t> experts_;  // (n, k/g)
   Buffer<Backend, std::int32_t> units_;    // (n, k)
   Buffer<Backend, Acc> gates_;             // (n, k)
   Buffer<Backend, Acc> dgates_;            // (n, k)
-  Buffer<Backend, WorkspaceWord> workspace_;
+  detail::OwnedWorkspace<Backend> workspace_;
   std::int64_t routed_tokens_ = -1;  // tokens of the last forward; -1 before any
   TokenMask mask_{};
 };

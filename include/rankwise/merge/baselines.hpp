@@ -69,8 +69,7 @@ inline LoraFactors factors_from_svd(const Eigen::MatrixXd& u, const Eigen::Vecto
 /// Best rank-k approximation (Eckart–Young) of Σ_t w_t ΔW_t, computed from the
 /// factors: B_cat = Q_b R_b, A_catᵀ = Q_a R_a, SVD of the small R_b R_aᵀ, so no
 /// d_out x d_in matrix is ever formed. Result zero-padded to rank k.
-inline LoraFactors merge_svd(const MergeInput& in, std::int64_t k,
-                             const std::string& module = "") {
+inline LoraFactors merge_svd(const MergeInput& in, std::int64_t k, const std::string& module = "") {
   RANKWISE_CHECK(k >= 1, "svd merge of module '", module, "': rank k must be >= 1, got ", k);
   const LoraFactors sum = merge_sum(in, module);
   const Eigen::HouseholderQR<Eigen::MatrixXd> qr_b(sum.b), qr_a(sum.a.transpose());
@@ -78,7 +77,8 @@ inline LoraFactors merge_svd(const MergeInput& in, std::int64_t k,
   const Eigen::Index ca = std::min(sum.a.cols(), sum.a.rows());
   const Eigen::MatrixXd rb = qr_b.matrixQR().topRows(cb).triangularView<Eigen::Upper>();
   const Eigen::MatrixXd ra = qr_a.matrixQR().topRows(ca).triangularView<Eigen::Upper>();
-  Eigen::BDCSVD<Eigen::MatrixXd> svd(rb * ra.transpose(), Eigen::ComputeThinU | Eigen::ComputeThinV);
+  Eigen::BDCSVD<Eigen::MatrixXd> svd(rb * ra.transpose(),
+                                     Eigen::ComputeThinU | Eigen::ComputeThinV);
   // Only the k leading singular vectors are lifted back through the
   // Householder reflectors: O(d · R · k) instead of forming Q (O(d · R²)).
   const Eigen::Index keep = std::min<Eigen::Index>(k, svd.singularValues().size());
@@ -170,7 +170,8 @@ inline LoraFactors merge_ties(const MergeInput& in, std::int64_t k, const TiesOp
   RANKWISE_CHECK(options.density > 0.0 && options.density <= 1.0, "ties merge of module '", module,
                  "': density must be in (0, 1], got ", options.density);
   std::vector<Eigen::MatrixXd> trimmed;
-  Eigen::MatrixXd elect = Eigen::MatrixXd::Zero(in.sources.front().d_out(), in.sources.front().d_in());
+  Eigen::MatrixXd elect =
+      Eigen::MatrixXd::Zero(in.sources.front().d_out(), in.sources.front().d_in());
   for (const auto& f : in.sources) {
     trimmed.push_back(f.delta());
     detail::magnitude_prune(trimmed.back(), options.density);
@@ -184,8 +185,8 @@ inline LoraFactors merge_ties(const MergeInput& in, std::int64_t k, const TiesOp
   Eigen::MatrixXd mixed = Eigen::MatrixXd::Zero(elect.rows(), elect.cols());
   Eigen::MatrixXd agree = Eigen::MatrixXd::Zero(elect.rows(), elect.cols());
   for (std::size_t t = 0; t < trimmed.size(); ++t) {
-    const Eigen::MatrixXd mask = trimmed[t]
-        .binaryExpr(sign, [](double v, double s) { return double((v > 0) - (v < 0)) == s ? 1.0 : 0.0; });
+    const Eigen::MatrixXd mask = trimmed[t].binaryExpr(
+        sign, [](double v, double s) { return double((v > 0) - (v < 0)) == s ? 1.0 : 0.0; });
     mixed += detail::weight_of(in, t) * trimmed[t].cwiseProduct(mask);
     agree += mask;
   }

@@ -21,7 +21,7 @@ namespace merge {
 enum class UnitNorm { kLInf, kL2 };
 
 struct LegoOptions {
-  std::int64_t rank = 8;  // k, the merged rank (number of clusters)
+  std::int64_t rank = 8;   // k, the merged rank (number of clusters)
   KMeansOptions kmeans{};  // k is taken from `rank`
   /// μ_j ← μ_j · mean_{u∈C_j} ‖u‖ / ‖μ_j‖: undo the norm decay of averaging.
   bool parameter_reweighting = true;
@@ -38,8 +38,8 @@ struct LegoOptions {
 /// The merged module: rank-one units (a_j, b_j) = centroid halves, each with
 /// a gate g_j from the reweightings, ΔW' = Σ_j g_j b_j a_jᵀ (scale 1).
 struct LegoResult {
-  LoraFactors units;               // a (k x d_in), b (d_out x k), scale 1
-  std::vector<double> gates;       // (k)
+  LoraFactors units;                 // a (k x d_in), b (d_out x k), scale 1
+  std::vector<double> gates;         // (k)
   std::vector<std::int64_t> labels;  // cluster of each source unit, in source order
   double inertia = 0.0;
 
@@ -172,7 +172,8 @@ inline LegoResult lego_merge(const MergeInput& in, const LegoOptions& options,
   std::int64_t total_rank = 0;
   for (const auto& f : in.sources) total_rank += f.rank();
   const double mean_rank = static_cast<double>(total_rank) / static_cast<double>(in.sources.size());
-  const double output_gate = options.output_reweighting ? std::sqrt(mean_rank / static_cast<double>(k)) : 1.0;
+  const double output_gate =
+      options.output_reweighting ? std::sqrt(mean_rank / static_cast<double>(k)) : 1.0;
 
   LegoResult result;
   result.units.a.resize(k, d_in);

@@ -45,8 +45,7 @@ inline double weight_of(const MergeInput& in, std::size_t t) {
 inline void check_merge_input(const MergeInput& in, const std::string& module) {
   RANKWISE_CHECK(!in.sources.empty(), "merge of module '", module, "': no source adapters");
   RANKWISE_CHECK(in.weights.empty() || in.weights.size() == in.sources.size(), "merge of module '",
-                 module, "': ", in.weights.size(), " weights for ", in.sources.size(),
-                 " adapters");
+                 module, "': ", in.weights.size(), " weights for ", in.sources.size(), " adapters");
   const auto& first = in.sources.front();
   for (std::size_t t = 0; t < in.sources.size(); ++t) {
     const LoraFactors& f = in.sources[t];
@@ -54,10 +53,10 @@ inline void check_merge_input(const MergeInput& in, const std::string& module) {
                    "', adapter ", t, ": A is (", f.a.rows(), " x ", f.a.cols(), ") and B is (",
                    f.b.rows(), " x ", f.b.cols(), "); B must have as many columns as A has rows");
     RANKWISE_CHECK(f.d_in() == first.d_in() && f.d_out() == first.d_out(), "merge of module '",
-                   module, "', adapter ", t, ": shape d_out x d_in = ", f.d_out(), " x ",
-                   f.d_in(), " differs from adapter 0's ", first.d_out(), " x ", first.d_in());
-    RANKWISE_CHECK(std::isfinite(f.scale) && std::isfinite(weight_of(in, t)) &&
-                       f.a.allFinite() && f.b.allFinite(),
+                   module, "', adapter ", t, ": shape d_out x d_in = ", f.d_out(), " x ", f.d_in(),
+                   " differs from adapter 0's ", first.d_out(), " x ", first.d_in());
+    RANKWISE_CHECK(std::isfinite(f.scale) && std::isfinite(weight_of(in, t)) && f.a.allFinite() &&
+                       f.b.allFinite(),
                    "merge of module '", module, "', adapter ", t,
                    ": non-finite scale, weight or factor values");
   }

@@ -24,11 +24,16 @@ enum class MergeMethod { kLego, kSum, kSvd, kTies, kLinear };
 
 inline const char* to_string(MergeMethod m) {
   switch (m) {
-    case MergeMethod::kLego: return "lego";
-    case MergeMethod::kSum: return "sum";
-    case MergeMethod::kSvd: return "svd";
-    case MergeMethod::kTies: return "ties";
-    case MergeMethod::kLinear: return "linear";
+    case MergeMethod::kLego:
+      return "lego";
+    case MergeMethod::kSum:
+      return "sum";
+    case MergeMethod::kSvd:
+      return "svd";
+    case MergeMethod::kTies:
+      return "ties";
+    case MergeMethod::kLinear:
+      return "linear";
   }
   return "?";
 }
@@ -39,7 +44,8 @@ inline MergeMethod parse_merge_method(const std::string& name) {
                         MergeMethod::kTies, MergeMethod::kLinear}) {
     if (name == to_string(m)) return m;
   }
-  RANKWISE_CHECK(false, "unknown merge method '", name, "': expected lego, sum, svd, ties or linear");
+  RANKWISE_CHECK(false, "unknown merge method '", name,
+                 "': expected lego, sum, svd, ties or linear");
   return MergeMethod::kSum;
 }
 
@@ -71,14 +77,17 @@ inline LoraFactors merge_module(const MergeInput& in, const MergeOptions& option
       lego.kmeans.seed = options.seed;
       return lego_merge(in, lego, module).folded();
     }
-    case MergeMethod::kSum: return merge_sum(in, module);
-    case MergeMethod::kSvd: return merge_svd(in, options.rank, module);
+    case MergeMethod::kSum:
+      return merge_sum(in, module);
+    case MergeMethod::kSvd:
+      return merge_svd(in, options.rank, module);
     case MergeMethod::kTies: {
       TiesOptions ties = options.ties;
       ties.seed = options.seed;
       return merge_ties(in, options.rank, ties, module);
     }
-    case MergeMethod::kLinear: return merge_linear(in, module);
+    case MergeMethod::kLinear:
+      return merge_linear(in, module);
   }
   return {};
 }
@@ -112,7 +121,8 @@ inline std::vector<ModuleMerge> merge_modules(const std::vector<std::string>& na
       if (options.progress) options.progress(done, inputs.size());
     }
   };
-  const int workers = static_cast<int>(std::min<std::size_t>(options.threads, std::max<std::size_t>(inputs.size(), 1)));
+  const int workers = static_cast<int>(
+      std::min<std::size_t>(options.threads, std::max<std::size_t>(inputs.size(), 1)));
   std::vector<std::thread> pool;
   for (int w = 1; w < workers; ++w) pool.emplace_back(worker);
   worker();

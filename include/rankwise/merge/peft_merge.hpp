@@ -2,9 +2,8 @@
 // checked, merged with merge_modules, and written back as a plain PEFT LoRA.
 #pragma once
 
-#include <nlohmann/json.hpp>
-
 #include <cstdint>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
@@ -91,8 +90,10 @@ inline io::PeftAdapter to_peft_adapter(const std::vector<ModuleMerge>& merged,
     mod.name = m.name;
     mod.rank = m.merged.rank();
     const auto d_in = m.merged.d_in(), d_out = m.merged.d_out();
-    mod.a = HostTensor{{mod.rank, d_in}, std::vector<double>(static_cast<std::size_t>(mod.rank * d_in))};
-    mod.b = HostTensor{{d_out, mod.rank}, std::vector<double>(static_cast<std::size_t>(d_out * mod.rank))};
+    mod.a = HostTensor{{mod.rank, d_in},
+                       std::vector<double>(static_cast<std::size_t>(mod.rank * d_in))};
+    mod.b = HostTensor{{d_out, mod.rank},
+                       std::vector<double>(static_cast<std::size_t>(d_out * mod.rank))};
     for (std::int64_t i = 0; i < mod.rank; ++i) {
       for (std::int64_t c = 0; c < d_in; ++c) mod.a.values[i * d_in + c] = m.merged.a(i, c);
     }

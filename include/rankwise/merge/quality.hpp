@@ -34,7 +34,8 @@ inline MergeQuality merge_quality(const MergeInput& in, const LoraFactors& merge
   double target = 0.0, cross = 0.0;
   for (std::size_t t = 0; t < weighted.size(); ++t) {
     cross += frobenius_inner(merged, weighted[t]);
-    for (std::size_t u = 0; u < weighted.size(); ++u) target += frobenius_inner(weighted[t], weighted[u]);
+    for (std::size_t u = 0; u < weighted.size(); ++u)
+      target += frobenius_inner(weighted[t], weighted[u]);
   }
   const double error2 = frobenius_inner(merged, merged) - 2.0 * cross + target;
   MergeQuality q;

@@ -24,7 +24,8 @@ struct AdamOptions {
   double max_grad_norm = 0.0;  // clip the global gradient norm to this; 0 = off
 
   void validate() const {
-    RANKWISE_CHECK(std::isfinite(lr) && lr >= 0, "AdamOptions.lr must be finite and >= 0, got ", lr);
+    RANKWISE_CHECK(std::isfinite(lr) && lr >= 0, "AdamOptions.lr must be finite and >= 0, got ",
+                   lr);
     RANKWISE_CHECK(beta1 >= 0 && beta1 < 1, "AdamOptions.beta1 must be in [0, 1), got ", beta1);
     RANKWISE_CHECK(beta2 >= 0 && beta2 < 1, "AdamOptions.beta2 must be in [0, 1), got ", beta2);
     RANKWISE_CHECK(eps > 0 && std::isfinite(eps), "AdamOptions.eps must be positive, got ", eps);

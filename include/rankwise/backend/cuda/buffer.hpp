@@ -1,8 +1,9 @@
 // Owning device storage (cudaMalloc), released on destruction.
 #pragma once
 
-#include <cstdint>
 #include <cuda_runtime_api.h>
+
+#include <cstdint>
 #include <utility>
 
 #include "rankwise/backend/cuda/check.hpp"

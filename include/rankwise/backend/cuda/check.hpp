@@ -12,9 +12,9 @@ namespace cuda {
 
 inline void check_cuda(cudaError_t status, const char* call, const char* file, int line) {
   if (status != cudaSuccess) {
-    throw_error(ErrorCode::kCuda, file, line,
-                concat(call, " failed: ", cudaGetErrorName(status), ": ",
-                       cudaGetErrorString(status)));
+    throw_error(
+        ErrorCode::kCuda, file, line,
+        concat(call, " failed: ", cudaGetErrorName(status), ": ", cudaGetErrorString(status)));
   }
 }
 
@@ -31,7 +31,8 @@ inline void check_cublas(cublasStatus_t status, const char* call, const char* fi
 }  // namespace rankwise
 
 /// Throws rankwise::error(kCuda) with the call, the status string, file and line.
-#define RANKWISE_CUDA_CHECK(call) ::rankwise::detail::cuda::check_cuda((call), #call, __FILE__, __LINE__)
+#define RANKWISE_CUDA_CHECK(call) \
+  ::rankwise::detail::cuda::check_cuda((call), #call, __FILE__, __LINE__)
 
 /// Throws rankwise::error(kCublas) with the call, the status string, file and line.
 #define RANKWISE_CUBLAS_CHECK(call) \
@@ -41,10 +42,10 @@ inline void check_cublas(cublasStatus_t status, const char* call, const char* fi
 /// defined it also synchronises, so an asynchronous fault surfaces at the
 /// launch that caused it rather than at a later call.
 #if defined(RANKWISE_CUDA_DEBUG_SYNC)
-#define RANKWISE_CUDA_LAUNCH_CHECK()                \
-  do {                                              \
-    RANKWISE_CUDA_CHECK(cudaGetLastError());        \
-    RANKWISE_CUDA_CHECK(cudaDeviceSynchronize());   \
+#define RANKWISE_CUDA_LAUNCH_CHECK()              \
+  do {                                            \
+    RANKWISE_CUDA_CHECK(cudaGetLastError());      \
+    RANKWISE_CUDA_CHECK(cudaDeviceSynchronize()); \
   } while (false)
 #else
 #define RANKWISE_CUDA_LAUNCH_CHECK() RANKWISE_CUDA_CHECK(cudaGetLastError())

@@ -3,7 +3,8 @@
 #pragma once
 
 #if !defined(__CUDACC__)
-#error "rankwise/backend/cuda/kernels.cuh holds device code: include it from a .cu file compiled by nvcc"
+#error \
+    "rankwise/backend/cuda/kernels.cuh holds device code: include it from a .cu file compiled by nvcc"
 #endif
 
 #include <cublas_v2.h>
@@ -38,9 +39,8 @@ __global__ void fill_kernel(T* data, std::int64_t rows, std::int64_t cols, std::
 
 // Element (i, j) = uniform(seed, i * cols + j): the CPU backend's exact bits.
 template <class T>
-__global__ void fill_uniform_kernel(T* data, std::int64_t rows, std::int64_t cols,
-                                    std::int64_t ld, double lo, double hi,
-                                    std::uint64_t seed) {
+__global__ void fill_uniform_kernel(T* data, std::int64_t rows, std::int64_t cols, std::int64_t ld,
+                                    double lo, double hi, std::uint64_t seed) {
   for (std::int64_t e = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; e < rows * cols;
        e += std::int64_t(gridDim.x) * blockDim.x) {
     const float v = static_cast<float>(uniform(seed, static_cast<std::uint64_t>(e), lo, hi));
@@ -114,27 +114,27 @@ struct Kernels<CudaBackend, T> {
       return;
     }
     using detail::cuda::blas_ld;
-    RANKWISE_CUBLAS_CHECK(cublasGemmEx_64(
-        ctx.handle(), op_b == Op::kNoTrans ? CUBLAS_OP_N : CUBLAS_OP_T,
-        op_a == Op::kNoTrans ? CUBLAS_OP_N : CUBLAS_OP_T, c.cols, c.rows, inner, &alpha, b.data,
-        Elem::kDataType, blas_ld(b.ld, b.cols), a.data, Elem::kDataType, blas_ld(a.ld, a.cols),
-        &beta, c.data, Elem::kDataType, blas_ld(c.ld, c.cols), CUBLAS_COMPUTE_32F,
-        CUBLAS_GEMM_DEFAULT));
+    RANKWISE_CUBLAS_CHECK(
+        cublasGemmEx_64(ctx.handle(), op_b == Op::kNoTrans ? CUBLAS_OP_N : CUBLAS_OP_T,
+                        op_a == Op::kNoTrans ? CUBLAS_OP_N : CUBLAS_OP_T, c.cols, c.rows, inner,
+                        &alpha, b.data, Elem::kDataType, blas_ld(b.ld, b.cols), a.data,
+                        Elem::kDataType, blas_ld(a.ld, a.cols), &beta, c.data, Elem::kDataType,
+                        blas_ld(c.ld, c.cols), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
   }
 
   static void fill(Ctx& ctx, MatrixView<T> m, double value) {
     if (m.empty()) return;
-    detail::cuda::fill_kernel<T><<<detail::cuda::grid_for(m.size(), kBlock), kBlock, 0,
-                                   ctx.stream()>>>(m.data, m.rows, m.cols, m.ld,
-                                                   static_cast<float>(value));
+    detail::cuda::fill_kernel<T>
+        <<<detail::cuda::grid_for(m.size(), kBlock), kBlock, 0, ctx.stream()>>>(
+            m.data, m.rows, m.cols, m.ld, static_cast<float>(value));
     RANKWISE_CUDA_LAUNCH_CHECK();
   }
 
   static void fill_uniform(Ctx& ctx, MatrixView<T> m, double lo, double hi, std::uint64_t seed) {
     if (m.empty()) return;
-    detail::cuda::fill_uniform_kernel<T><<<detail::cuda::grid_for(m.size(), kBlock), kBlock, 0,
-                                           ctx.stream()>>>(m.data, m.rows, m.cols, m.ld, lo, hi,
-                                                           seed);
+    detail::cuda::fill_uniform_kernel<T>
+        <<<detail::cuda::grid_for(m.size(), kBlock), kBlock, 0, ctx.stream()>>>(
+            m.data, m.rows, m.cols, m.ld, lo, hi, seed);
     RANKWISE_CUDA_LAUNCH_CHECK();
   }
 
@@ -144,20 +144,19 @@ struct Kernels<CudaBackend, T> {
       fill(ctx, m, 0.0);
       return;
     }
-    detail::cuda::scale_kernel<T><<<detail::cuda::grid_for(m.size(), kBlock), kBlock, 0,
-                                    ctx.stream()>>>(m.data, m.rows, m.cols, m.ld, beta);
+    detail::cuda::scale_kernel<T>
+        <<<detail::cuda::grid_for(m.size(), kBlock), kBlock, 0, ctx.stream()>>>(m.data, m.rows,
+                                                                                m.cols, m.ld, beta);
     RANKWISE_CUDA_LAUNCH_CHECK();
   }
 
   static void copy(Ctx& ctx, MatrixView<const T> src, Op op, MatrixView<T> dst) {
     if (dst.empty()) return;
     if (op == Op::kNoTrans) {
-      RANKWISE_CUDA_CHECK(cudaMemcpy2DAsync(dst.data,
-                                            detail::cuda::blas_ld(dst.ld, dst.cols) * sizeof(T),
-                                            src.data,
-                                            detail::cuda::blas_ld(src.ld, src.cols) * sizeof(T),
-                                            dst.cols * sizeof(T), dst.rows,
-                                            cudaMemcpyDeviceToDevice, ctx.stream()));
+      RANKWISE_CUDA_CHECK(cudaMemcpy2DAsync(
+          dst.data, detail::cuda::blas_ld(dst.ld, dst.cols) * sizeof(T), src.data,
+          detail::cuda::blas_ld(src.ld, src.cols) * sizeof(T), dst.cols * sizeof(T), dst.rows,
+          cudaMemcpyDeviceToDevice, ctx.stream()));
       return;
     }
     const TransposeTiling tiling{dst.rows, dst.cols};
@@ -165,8 +164,8 @@ struct Kernels<CudaBackend, T> {
     const dim3 grid(static_cast<unsigned>(tiling.tiles_across()),
                     static_cast<unsigned>(std::min<std::int64_t>(tiling.tiles_down(), 65535)));
     const dim3 block(TransposeTiling::kTile, TransposeTiling::kRowsPerPass);
-    detail::cuda::transpose_kernel<T><<<grid, block, 0, ctx.stream()>>>(
-        src.data, src.ld, dst.data, dst.rows, dst.cols, dst.ld);
+    detail::cuda::transpose_kernel<T>
+        <<<grid, block, 0, ctx.stream()>>>(src.data, src.ld, dst.data, dst.rows, dst.cols, dst.ld);
     RANKWISE_CUDA_LAUNCH_CHECK();
   }
 
@@ -175,18 +174,16 @@ struct Kernels<CudaBackend, T> {
   static void upload(Ctx& ctx, const T* host, MatrixView<T> dst) {
     if (dst.empty()) return;
     RANKWISE_CUDA_CHECK(cudaMemcpy2DAsync(
-        dst.data, detail::cuda::blas_ld(dst.ld, dst.cols) * sizeof(T), host,
-        dst.cols * sizeof(T), dst.cols * sizeof(T), dst.rows, cudaMemcpyHostToDevice,
-        ctx.stream()));
+        dst.data, detail::cuda::blas_ld(dst.ld, dst.cols) * sizeof(T), host, dst.cols * sizeof(T),
+        dst.cols * sizeof(T), dst.rows, cudaMemcpyHostToDevice, ctx.stream()));
     ctx.synchronize();
   }
 
   static void download(Ctx& ctx, MatrixView<const T> src, T* host) {
     if (src.empty()) return;
-    RANKWISE_CUDA_CHECK(cudaMemcpy2DAsync(host, src.cols * sizeof(T), src.data,
-                                          detail::cuda::blas_ld(src.ld, src.cols) * sizeof(T),
-                                          src.cols * sizeof(T), src.rows,
-                                          cudaMemcpyDeviceToHost, ctx.stream()));
+    RANKWISE_CUDA_CHECK(cudaMemcpy2DAsync(
+        host, src.cols * sizeof(T), src.data, detail::cuda::blas_ld(src.ld, src.cols) * sizeof(T),
+        src.cols * sizeof(T), src.rows, cudaMemcpyDeviceToHost, ctx.stream()));
     ctx.synchronize();
   }
 
@@ -194,20 +191,17 @@ struct Kernels<CudaBackend, T> {
 
   static void upload_indices(Ctx& ctx, const std::int32_t* host, MatrixView<std::int32_t> dst) {
     if (dst.empty()) return;
-    RANKWISE_CUDA_CHECK(cudaMemcpy2DAsync(dst.data,
-                                          detail::cuda::blas_ld(dst.ld, dst.cols) *
-                                              sizeof(std::int32_t),
-                                          host,
-                                          dst.cols * sizeof(std::int32_t),
-                                          dst.cols * sizeof(std::int32_t), dst.rows,
-                                          cudaMemcpyHostToDevice, ctx.stream()));
+    RANKWISE_CUDA_CHECK(
+        cudaMemcpy2DAsync(dst.data, detail::cuda::blas_ld(dst.ld, dst.cols) * sizeof(std::int32_t),
+                          host, dst.cols * sizeof(std::int32_t), dst.cols * sizeof(std::int32_t),
+                          dst.rows, cudaMemcpyHostToDevice, ctx.stream()));
     ctx.synchronize();
   }
 
   // ---- rank-unit primitives ----
 
-  static void gemm_acc(Ctx& ctx, Acc alpha, MatrixView<const T> a, Op op_a,
-                       MatrixView<const T> b, Op op_b, Acc beta, MatrixView<Acc> c) {
+  static void gemm_acc(Ctx& ctx, Acc alpha, MatrixView<const T> a, Op op_a, MatrixView<const T> b,
+                       Op op_b, Acc beta, MatrixView<Acc> c) {
     if (c.empty()) return;
     const std::int64_t inner = op_a == Op::kNoTrans ? a.cols : a.rows;
     if (inner == 0 || alpha == 0.0f) {
@@ -219,8 +213,7 @@ struct Kernels<CudaBackend, T> {
         ctx.handle(), op_b == Op::kNoTrans ? CUBLAS_OP_N : CUBLAS_OP_T,
         op_a == Op::kNoTrans ? CUBLAS_OP_N : CUBLAS_OP_T, c.cols, c.rows, inner, &alpha, b.data,
         Elem::kDataType, blas_ld(b.ld, b.cols), a.data, Elem::kDataType, blas_ld(a.ld, a.cols),
-        &beta, c.data, CUDA_R_32F, blas_ld(c.ld, c.cols), CUBLAS_COMPUTE_32F,
-        CUBLAS_GEMM_DEFAULT));
+        &beta, c.data, CUDA_R_32F, blas_ld(c.ld, c.cols), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
   }
 
   static void route(Ctx& ctx, const RoutingRule& rule, MatrixView<const Acc> logits,
@@ -231,9 +224,8 @@ struct Kernels<CudaBackend, T> {
     const std::int64_t n = logits.rows;
     if (n == 0) return;
     detail::cuda::route_kernel<<<blocks(n), kBlock, 0, ctx.stream()>>>(
-        rule, n, logits.data, logits.ld, bias.empty() ? nullptr : bias.data, scores.data,
-        scores.ld, experts.data, experts.ld, units.data, units.ld, gates.data, gates.ld,
-        bad.data);
+        rule, n, logits.data, logits.ld, bias.empty() ? nullptr : bias.data, scores.data, scores.ld,
+        experts.data, experts.ld, units.data, units.ld, gates.data, gates.ld, bad.data);
     RANKWISE_CUDA_LAUNCH_CHECK();
   }
 
@@ -269,8 +261,8 @@ struct Kernels<CudaBackend, T> {
     RANKWISE_CUDA_LAUNCH_CHECK();
   }
 
-  static void aux_loss_grad(Ctx& ctx, MatrixView<const std::int32_t> counts,
-                            int experts_per_token, Acc coefficient, MatrixView<Acc> extra) {
+  static void aux_loss_grad(Ctx& ctx, MatrixView<const std::int32_t> counts, int experts_per_token,
+                            Acc coefficient, MatrixView<Acc> extra) {
     detail::cuda::aux_loss_grad_kernel<<<blocks(counts.cols), kBlock, 0, ctx.stream()>>>(
         counts.data, static_cast<int>(counts.cols), experts_per_token, coefficient, extra.data);
     RANKWISE_CUDA_LAUNCH_CHECK();
@@ -299,32 +291,31 @@ struct Kernels<CudaBackend, T> {
   static void gather_axpy(Ctx& ctx, Acc alpha, MatrixView<const Acc> coef, MatrixView<const T> w,
                           MatrixView<const std::int32_t> units, MatrixView<T> y) {
     if (units.empty() || y.empty()) return;
-    detail::cuda::gather_axpy_kernel<T><<<static_cast<unsigned>(units.rows), kBlock, 0,
-                                          ctx.stream()>>>(alpha, units.cols, y.cols, coef.data,
-                                                          coef.ld, w.data, w.ld, units.data,
-                                                          units.ld, y.data, y.ld);
+    detail::cuda::gather_axpy_kernel<T>
+        <<<static_cast<unsigned>(units.rows), kBlock, 0, ctx.stream()>>>(
+            alpha, units.cols, y.cols, coef.data, coef.ld, w.data, w.ld, units.data, units.ld,
+            y.data, y.ld);
     RANKWISE_CUDA_LAUNCH_CHECK();
   }
 
-  static void scatter_axpy(Ctx& ctx, Acc alpha, MatrixView<const Acc> coef,
-                           MatrixView<const T> src, MatrixView<const std::int32_t> units,
-                           Acc beta, MatrixView<T> out) {
+  static void scatter_axpy(Ctx& ctx, Acc alpha, MatrixView<const Acc> coef, MatrixView<const T> src,
+                           MatrixView<const std::int32_t> units, Acc beta, MatrixView<T> out) {
     if (out.empty()) return;
     if (units.ld == 0 && units.rows > 1) {
       if (beta != 1.0f) scale(ctx, out, beta);
       const dim3 grid(static_cast<unsigned>(ceil_div(out.cols, kBlock)),
                       static_cast<unsigned>(units.cols));
       detail::cuda::scatter_axpy_broadcast_kernel<T><<<grid, kBlock, 0, ctx.stream()>>>(
-          alpha, units.rows, units.cols, out.cols, coef.data, coef.ld, src.data, src.ld,
-          units.data, out.data, out.ld);
+          alpha, units.rows, units.cols, out.cols, coef.data, coef.ld, src.data, src.ld, units.data,
+          out.data, out.ld);
       RANKWISE_CUDA_LAUNCH_CHECK();
       return;
     }
     const dim3 grid(static_cast<unsigned>(ceil_div(out.cols, kBlock)),
                     static_cast<unsigned>(out.rows));
     detail::cuda::scatter_axpy_kernel<T><<<grid, kBlock, 0, ctx.stream()>>>(
-        alpha, units.rows, units.cols, out.cols, coef.data, coef.ld, src.data, src.ld,
-        units.data, units.ld, beta, out.data, out.ld);
+        alpha, units.rows, units.cols, out.cols, coef.data, coef.ld, src.data, src.ld, units.data,
+        units.ld, beta, out.data, out.ld);
     RANKWISE_CUDA_LAUNCH_CHECK();
   }
 
@@ -341,8 +332,7 @@ struct Kernels<CudaBackend, T> {
     if (dense.empty()) return;
     Kernels<CudaBackend, float>::fill(ctx, dense, 0.0);
     detail::cuda::densify_kernel<<<blocks(units.rows), kBlock, 0, ctx.stream()>>>(
-        units.rows, units.cols, units.data, units.ld, values.data, values.ld, dense.data,
-        dense.ld);
+        units.rows, units.cols, units.data, units.ld, values.data, values.ld, dense.data, dense.ld);
     RANKWISE_CUDA_LAUNCH_CHECK();
   }
 
@@ -371,8 +361,8 @@ struct Kernels<CudaBackend, T> {
 
   static void sum_squares(Ctx& ctx, MatrixView<const T> m, MatrixView<Acc> out) {
     if (m.empty()) return;
-    detail::cuda::sum_squares_kernel<T><<<1, 1024, 0, ctx.stream()>>>(m.rows, m.cols, m.data,
-                                                                     m.ld, out.data);
+    detail::cuda::sum_squares_kernel<T>
+        <<<1, 1024, 0, ctx.stream()>>>(m.rows, m.cols, m.data, m.ld, out.data);
     RANKWISE_CUDA_LAUNCH_CHECK();
   }
 
@@ -387,8 +377,8 @@ struct Kernels<CudaBackend, T> {
 
   static std::int32_t read_int(Ctx& ctx, MatrixView<const std::int32_t> v) {
     std::int32_t host = 0;
-    RANKWISE_CUDA_CHECK(cudaMemcpyAsync(&host, v.data, sizeof(host), cudaMemcpyDeviceToHost,
-                                        ctx.stream()));
+    RANKWISE_CUDA_CHECK(
+        cudaMemcpyAsync(&host, v.data, sizeof(host), cudaMemcpyDeviceToHost, ctx.stream()));
     ctx.synchronize();
     return host;
   }

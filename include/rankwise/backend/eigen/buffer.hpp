@@ -55,8 +55,8 @@ class Buffer<CpuBackend, T> {
 
  private:
   // Any buffer can hold a workspace, which needs kWorkspaceAlignment.
-  static constexpr std::size_t kAlignment =
-      alignof(T) > kWorkspaceAlignment ? alignof(T) : kWorkspaceAlignment;
+  static constexpr std::size_t kAlignment = alignof(T) > kWorkspaceAlignment ? alignof(T)
+                                                                             : kWorkspaceAlignment;
   struct Free {
     void operator()(T* p) const { std::free(p); }
   };

@@ -18,15 +18,15 @@ namespace rankwise {
 namespace detail {
 
 template <class T>
-using RowMajorMatrix = Eigen::Matrix<std::remove_const_t<T>, Eigen::Dynamic, Eigen::Dynamic,
-                                     Eigen::RowMajor>;
+using RowMajorMatrix =
+    Eigen::Matrix<std::remove_const_t<T>, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 
 // Eigen view of a rankwise view; the outer stride carries `ld`.
 template <class T>
 auto eigen_map(const MatrixView<T>& v) {
-  using Map = Eigen::Map<std::conditional_t<std::is_const<T>::value,
-                                            const RowMajorMatrix<T>, RowMajorMatrix<T>>,
-                         Eigen::Unaligned, Eigen::OuterStride<>>;
+  using Map = Eigen::Map<
+      std::conditional_t<std::is_const<T>::value, const RowMajorMatrix<T>, RowMajorMatrix<T>>,
+      Eigen::Unaligned, Eigen::OuterStride<>>;
   return Map(v.data, v.rows, v.cols, Eigen::OuterStride<>(v.rows <= 1 ? v.cols : v.ld));
 }
 
@@ -39,8 +39,8 @@ struct Kernels<CpuBackend, T> {
   using Acc = accumulator_t<T>;
   using Ctx = Context<CpuBackend>;
 
-  static void gemm(Ctx&, Acc alpha, MatrixView<const T> a, Op op_a, MatrixView<const T> b,
-                   Op op_b, Acc beta, MatrixView<T> c) {
+  static void gemm(Ctx&, Acc alpha, MatrixView<const T> a, Op op_a, MatrixView<const T> b, Op op_b,
+                   Acc beta, MatrixView<T> c) {
     if (c.empty()) return;
     auto cm = detail::eigen_map(c);
     const std::int64_t inner = op_a == Op::kNoTrans ? a.cols : a.rows;
@@ -54,17 +54,25 @@ struct Kernels<CpuBackend, T> {
     // Four explicit branches keep every product a single Eigen GEMM/GEMV call
     // with no temporaries (noalias) and transposition folded into the kernel.
     if (beta == Acc(0)) {
-      if (op_a == Op::kNoTrans && op_b == Op::kNoTrans) cm.noalias() = alpha * (am * bm);
-      else if (op_a == Op::kNoTrans) cm.noalias() = alpha * (am * bm.transpose());
-      else if (op_b == Op::kNoTrans) cm.noalias() = alpha * (am.transpose() * bm);
-      else cm.noalias() = alpha * (am.transpose() * bm.transpose());
+      if (op_a == Op::kNoTrans && op_b == Op::kNoTrans)
+        cm.noalias() = alpha * (am * bm);
+      else if (op_a == Op::kNoTrans)
+        cm.noalias() = alpha * (am * bm.transpose());
+      else if (op_b == Op::kNoTrans)
+        cm.noalias() = alpha * (am.transpose() * bm);
+      else
+        cm.noalias() = alpha * (am.transpose() * bm.transpose());
       return;
     }
     scale_in_place(cm, beta);
-    if (op_a == Op::kNoTrans && op_b == Op::kNoTrans) cm.noalias() += alpha * (am * bm);
-    else if (op_a == Op::kNoTrans) cm.noalias() += alpha * (am * bm.transpose());
-    else if (op_b == Op::kNoTrans) cm.noalias() += alpha * (am.transpose() * bm);
-    else cm.noalias() += alpha * (am.transpose() * bm.transpose());
+    if (op_a == Op::kNoTrans && op_b == Op::kNoTrans)
+      cm.noalias() += alpha * (am * bm);
+    else if (op_a == Op::kNoTrans)
+      cm.noalias() += alpha * (am * bm.transpose());
+    else if (op_b == Op::kNoTrans)
+      cm.noalias() += alpha * (am.transpose() * bm);
+    else
+      cm.noalias() += alpha * (am.transpose() * bm.transpose());
   }
 
   static void fill(Ctx&, MatrixView<T> m, double value) {
@@ -83,8 +91,10 @@ struct Kernels<CpuBackend, T> {
 
   static void copy(Ctx&, MatrixView<const T> src, Op op, MatrixView<T> dst) {
     if (dst.empty()) return;
-    if (op == Op::kNoTrans) detail::eigen_map(dst) = detail::eigen_map(src);
-    else detail::eigen_map(dst) = detail::eigen_map(src).transpose();
+    if (op == Op::kNoTrans)
+      detail::eigen_map(dst) = detail::eigen_map(src);
+    else
+      detail::eigen_map(dst) = detail::eigen_map(src).transpose();
   }
 
   static void upload(Ctx&, const T* host, MatrixView<T> dst) {
@@ -109,8 +119,8 @@ struct Kernels<CpuBackend, T> {
 
   // ---- rank-unit primitives ----
 
-  static void gemm_acc(Ctx& ctx, Acc alpha, MatrixView<const T> a, Op op_a,
-                       MatrixView<const T> b, Op op_b, Acc beta, MatrixView<Acc> c) {
+  static void gemm_acc(Ctx& ctx, Acc alpha, MatrixView<const T> a, Op op_a, MatrixView<const T> b,
+                       Op op_b, Acc beta, MatrixView<Acc> c) {
     gemm(ctx, alpha, a, op_a, b, op_b, beta, c);  // T is Acc on the CPU
   }
 
@@ -202,7 +212,8 @@ struct Kernels<CpuBackend, T> {
     std::fill(counts.data, counts.data + counts.cols, 0);
     for (std::int64_t n = 0; n < experts.rows; ++n) {
       if (!mask.empty() && mask.data[n] == 0) continue;
-      for (std::int64_t t = 0; t < experts.cols; ++t) ++counts.data[experts.data[n * experts.ld + t]];
+      for (std::int64_t t = 0; t < experts.cols; ++t)
+        ++counts.data[experts.data[n * experts.ld + t]];
     }
   }
 
@@ -222,8 +233,10 @@ struct Kernels<CpuBackend, T> {
     if (broadcast(units)) {
       const detail::RowMajorMatrix<T> selected = gather_rows(wm, units);
       auto om = detail::eigen_map(out);
-      if (beta == Acc(0)) om.noalias() = alpha * (xm * selected.transpose());
-      else om = beta * om + alpha * (xm * selected.transpose());
+      if (beta == Acc(0))
+        om.noalias() = alpha * (xm * selected.transpose());
+      else
+        om = beta * om + alpha * (xm * selected.transpose());
       return;
     }
     for (std::int64_t n = 0; n < units.rows; ++n) {
@@ -250,9 +263,8 @@ struct Kernels<CpuBackend, T> {
     }
   }
 
-  static void scatter_axpy(Ctx&, Acc alpha, MatrixView<const Acc> coef,
-                           MatrixView<const T> src, MatrixView<const std::int32_t> units,
-                           Acc beta, MatrixView<T> out) {
+  static void scatter_axpy(Ctx&, Acc alpha, MatrixView<const Acc> coef, MatrixView<const T> src,
+                           MatrixView<const std::int32_t> units, Acc beta, MatrixView<T> out) {
     auto om = detail::eigen_map(out);
     scale_in_place(om, beta);
     const auto sm = detail::eigen_map(src);
@@ -338,8 +350,8 @@ struct Kernels<CpuBackend, T> {
   //   c (1 x m) += alpha a b      one axpy per row of b, c stays in L1
   //   c = alpha aᵀ b, inner 1     (dBᵀ = s Hᵀ dY, dA = dHᵀ X): row scaling
   template <class MapA, class MapB, class MapC>
-  static bool one_row_product(Acc alpha, const MapA& am, Op op_a, const MapB& bm, Op op_b,
-                              Acc beta, MapC& cm, std::int64_t inner) {
+  static bool one_row_product(Acc alpha, const MapA& am, Op op_a, const MapB& bm, Op op_b, Acc beta,
+                              MapC& cm, std::int64_t inner) {
     if (cm.rows() == 1 && op_a == Op::kNoTrans && op_b == Op::kTrans) {
       for (Eigen::Index j = 0; j < cm.cols(); ++j) {
         const Acc d = alpha * bm.row(j).dot(am.row(0));
@@ -355,8 +367,10 @@ struct Kernels<CpuBackend, T> {
     if (inner == 1 && op_b == Op::kNoTrans) {
       for (Eigen::Index i = 0; i < cm.rows(); ++i) {
         const Acc ai = alpha * (op_a == Op::kNoTrans ? am(i, 0) : am(0, i));
-        if (beta == Acc(0)) cm.row(i) = ai * bm.row(0);
-        else cm.row(i) = beta * cm.row(i) + ai * bm.row(0);
+        if (beta == Acc(0))
+          cm.row(i) = ai * bm.row(0);
+        else
+          cm.row(i) = beta * cm.row(i) + ai * bm.row(0);
       }
       return true;
     }
@@ -378,8 +392,10 @@ struct Kernels<CpuBackend, T> {
 
   template <class MapT>
   static void scale_in_place(MapT& cm, Acc beta) {
-    if (beta == Acc(0)) cm.setZero();
-    else if (beta != Acc(1)) cm *= beta;
+    if (beta == Acc(0))
+      cm.setZero();
+    else if (beta != Acc(1))
+      cm *= beta;
   }
 };
 

@@ -16,7 +16,8 @@ constexpr int kWarp = 32;
 
 __device__ inline float warp_sum(float v) {
   // Fixed butterfly order: the same bits on every run.
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  for (int offset = kWarp / 2; offset > 0; offset /= 2)
+    v += __shfl_xor_sync(0xffffffffu, v, offset);
   return v;
 }
 
@@ -29,8 +30,7 @@ static __global__ void route_kernel(RoutingRule rule, std::int64_t n, const floa
   const std::int64_t t = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x;
   if (t >= n) return;
   const bool ok = route_token(rule, logits + t * logits_ld, bias, scores + t * scores_ld,
-                              experts + t * experts_ld, units + t * units_ld,
-                              gates + t * gates_ld);
+                              experts + t * experts_ld, units + t * units_ld, gates + t * gates_ld);
   if (!ok) atomicAdd(bad, 1);
 }
 
@@ -80,9 +80,9 @@ static __global__ void aux_loss_grad_kernel(const std::int32_t* counts, int num_
   }
 }
 
-static __global__ void check_units_kernel(std::int64_t n, std::int64_t k,
-                                          const std::int32_t* units, std::int64_t ld,
-                                          std::int64_t num_units, std::int32_t* bad) {
+static __global__ void check_units_kernel(std::int64_t n, std::int64_t k, const std::int32_t* units,
+                                          std::int64_t ld, std::int64_t num_units,
+                                          std::int32_t* bad) {
   const std::int64_t i = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x;
   if (i >= n * k) return;
   const std::int32_t u = units[(i / k) * ld + i % k];
@@ -114,10 +114,10 @@ __global__ void gather_dot_kernel(float alpha, std::int64_t n, std::int64_t k, s
 
 // One block per token, threads across columns: y[t] += alpha Σ_j coef[t][j] w[unit_j].
 template <class T>
-__global__ void gather_axpy_kernel(float alpha, std::int64_t k, std::int64_t d,
-                                   const float* coef, std::int64_t coef_ld, const T* w,
-                                   std::int64_t w_ld, const std::int32_t* units,
-                                   std::int64_t units_ld, T* y, std::int64_t y_ld) {
+__global__ void gather_axpy_kernel(float alpha, std::int64_t k, std::int64_t d, const float* coef,
+                                   std::int64_t coef_ld, const T* w, std::int64_t w_ld,
+                                   const std::int32_t* units, std::int64_t units_ld, T* y,
+                                   std::int64_t y_ld) {
   const std::int64_t t = blockIdx.x;
   for (std::int64_t c = threadIdx.x; c < d; c += blockDim.x) {
     float acc = 0.0f;
@@ -211,8 +211,7 @@ static __global__ void hadamard_kernel(std::int64_t rows, std::int64_t cols, con
 // up, as they do on the sparse path.
 static __global__ void densify_kernel(std::int64_t n, std::int64_t k, const std::int32_t* units,
                                       std::int64_t units_ld, const float* values,
-                                      std::int64_t values_ld, float* dense,
-                                      std::int64_t dense_ld) {
+                                      std::int64_t values_ld, float* dense, std::int64_t dense_ld) {
   const std::int64_t t = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x;
   if (t >= n) return;
   for (std::int64_t j = 0; j < k; ++j) {
@@ -241,8 +240,7 @@ __global__ void scale_by_kernel(std::int64_t rows, std::int64_t cols, const floa
 }
 
 static __global__ void column_sums_kernel(std::int64_t rows, std::int64_t cols, const float* m,
-                                          std::int64_t ld, const std::uint8_t* mask,
-                                          float* out) {
+                                          std::int64_t ld, const std::uint8_t* mask, float* out) {
   const std::int64_t c = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x;
   if (c >= cols) return;
   float acc = 0.0f;
