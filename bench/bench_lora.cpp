@@ -10,8 +10,10 @@
 //   base       the frozen base product Y = X W0ᵀ (d x d)
 //   naive      ΔW = s B A materialised (d x d) every call, then Y += X ΔWᵀ
 //   read       reading A and B once from memory (a vectorised sum): the N = 1 bound
-//   proto_fwd, proto_bwd (N = 1)  a prototype of the fix proposed for the
-//              N = 1 miss, see "prototype" below
+//
+// At N = 1 the delta's products are matrix-vector products; the library's
+// gemm streams each row of A and Bᵀ once there (Kernels<CpuBackend>::gemm,
+// one_row_product), where the raw Eigen baselines use Eigen's GEMV.
 //
 // At N = 1 every variant rotates over copies of the layer (3x the L3 in all),
 // so A and B come from DRAM as they would in a model with many layers.
@@ -44,6 +46,7 @@
 
 #include <rankwise/rankwise.hpp>
 
+#include "support/cpu_matrix.hpp"
 #include "support/report.hpp"
 #include "support/sizes.hpp"
 
@@ -54,7 +57,7 @@ using rankwise::CpuBackend;
 using rankwise::CpuContext;
 using rankwise::host_view;
 using T = float;
-using Mat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+using Mat = rb::RowMajorMatrix<T>;
 using Layer = rankwise::Lora<T, CpuBackend>;
 using Kern = rankwise::Kernels<CpuBackend, T>;
 
@@ -63,14 +66,7 @@ constexpr std::int64_t kD = rb::kDim;
 
 // ---- inputs -----------------------------------------------------------------
 
-// Deterministic U(lo, hi) values (rankwise's counter-based generator).
-Mat random_matrix(std::int64_t rows, std::int64_t cols, std::uint64_t seed, double lo,
-                  double hi) {
-  Mat m(rows, cols);
-  CpuContext ctx;
-  Kern::fill_uniform(ctx, host_view(m.data(), rows, cols), lo, hi, seed);
-  return m;
-}
+using rb::random_matrix;  // deterministic U(lo, hi) values (support/cpu_matrix.hpp)
 
 // Activations and upstream gradients per token count, and the base weight,
 // built once and shared by every benchmark that needs them.
@@ -284,115 +280,6 @@ void BM_Read(benchmark::State& state, std::int64_t rank) {
   state.counters["copies"] = static_cast<double>(copies);
 }
 
-// ---- prototype of the fix proposed for include/ (N = 1) -----------------------
-// At N = 1 the delta's products are matrix-vector products, and Eigen's GEMV
-// for a row vector times a row-major matrix (y += s h Bᵀ, dx += dH A: Eigen
-// walks b in column panels) reaches only about half the DRAM bandwidth a plain
-// read of b gets. proto::gemm is Kernels<CpuBackend, float>::gemm with three
-// special cases that stream each row of b once, contiguously:
-//   c (1 x m) = alpha a bᵀ     op_b = kTrans:   one dot product per row of b
-//   c (1 x m) += alpha a b     op_b = kNoTrans: one axpy per row of b, c in L1
-//   c = alpha aᵀ b, inner 1    (dBᵀ = s Hᵀ dY, dA = dHᵀ X at N = 1): row scaling
-// everything else goes to the library's gemm unchanged. The proto_fwd and
-// proto_bwd benchmarks run lora_forward's and lora_backward's exact sequence of
-// gemm calls through it, on the same rotated layers.
-namespace proto {
-
-using rankwise::MatrixView;
-using rankwise::Op;
-
-void gemm(T alpha, MatrixView<const T> a, Op op_a, MatrixView<const T> b, Op op_b, T beta,
-          MatrixView<T> c) {
-  const std::int64_t inner = op_a == Op::kNoTrans ? a.cols : a.rows;
-  if (!c.empty() && inner > 0 && alpha != T(0)) {
-    auto cm = rankwise::detail::eigen_map(c);
-    const auto am = rankwise::detail::eigen_map(a);
-    const auto bm = rankwise::detail::eigen_map(b);
-    if (c.rows == 1 && op_a == Op::kNoTrans && op_b == Op::kTrans) {
-      for (std::int64_t j = 0; j < c.cols; ++j) {
-        const T d = alpha * bm.row(j).dot(am.row(0));
-        cm(0, j) = beta == T(0) ? d : beta * cm(0, j) + d;
-      }
-      return;
-    }
-    if (c.rows == 1 && op_a == Op::kNoTrans && op_b == Op::kNoTrans) {
-      if (beta == T(0)) cm.setZero();
-      else if (beta != T(1)) cm *= beta;
-      for (std::int64_t k = 0; k < inner; ++k) cm.row(0) += (alpha * am(0, k)) * bm.row(k);
-      return;
-    }
-    if (inner == 1 && op_b == Op::kNoTrans) {
-      for (std::int64_t i = 0; i < c.rows; ++i) {
-        const T ai = alpha * (op_a == Op::kNoTrans ? am(i, 0) : am(0, i));
-        if (beta == T(0)) cm.row(i) = ai * bm.row(0);
-        else cm.row(i) = beta * cm.row(i) + ai * bm.row(0);
-      }
-      return;
-    }
-  }
-  CpuContext ctx;
-  Kern::gemm(ctx, alpha, a, op_a, b, op_b, beta, c);
-}
-
-// lora_forward's two gemm calls (rankwise/layers/lora_ops.hpp), through proto::gemm.
-void forward(T s, MatrixView<const T> x, MatrixView<const T> a, MatrixView<const T> bt,
-             MatrixView<T> h, MatrixView<T> y) {
-  gemm(1, x, Op::kNoTrans, a, Op::kTrans, 0, h);
-  gemm(s, h, Op::kNoTrans, bt, Op::kNoTrans, 1, y);
-}
-
-// lora_backward's five gemm calls, through proto::gemm.
-void backward(T s, MatrixView<const T> x, MatrixView<const T> a, MatrixView<const T> bt,
-              MatrixView<const T> dy, MatrixView<T> dx, MatrixView<T> da, MatrixView<T> dbt,
-              MatrixView<T> h, MatrixView<T> dh) {
-  gemm(1, x, Op::kNoTrans, a, Op::kTrans, 0, h);
-  gemm(s, dy, Op::kNoTrans, bt, Op::kTrans, 0, dh);
-  gemm(s, h, Op::kTrans, dy, Op::kNoTrans, 0, dbt);
-  gemm(1, dh, Op::kTrans, x, Op::kNoTrans, 0, da);
-  gemm(1, dh, Op::kNoTrans, a, Op::kNoTrans, 1, dx);
-}
-
-}  // namespace proto
-
-void BM_ProtoForward(benchmark::State& state, std::int64_t rank, std::int64_t n) {
-  const std::int64_t copies = copies_for(rank, n);
-  auto& layers = layer_pool(rank, copies);
-  const Mat& x = tokens_input(n);
-  Mat y = Mat::Zero(n, kD), h(n, rank);
-  const auto xv = host_view(x.data(), n, kD);
-  const auto yv = host_view(y.data(), n, kD);
-  const auto hv = host_view(h.data(), n, rank);
-  const T s = static_cast<T>(scale_for(rank));
-  std::int64_t i = 0;
-  for (auto _ : state) {
-    const Layer& layer = *layers[i];
-    proto::forward(s, xv, layer.a(), layer.bt(), hv, yv);
-    benchmark::ClobberMemory();
-    if (++i == copies) i = 0;
-  }
-  state.SetBytesProcessed(state.iterations() * factor_bytes(rank));
-  state.counters["copies"] = static_cast<double>(copies);
-}
-
-void BM_ProtoBackward(benchmark::State& state, std::int64_t rank, std::int64_t n) {
-  const std::int64_t copies = copies_for(rank, n);
-  auto& layers = layer_pool(rank, copies);
-  const Mat& x = tokens_input(n);
-  const Mat& dy = upstream_grad(n);
-  Mat dx = Mat::Zero(n, kD), h(n, rank), dh(n, rank);
-  const T s = static_cast<T>(scale_for(rank));
-  std::int64_t i = 0;
-  for (auto _ : state) {
-    Layer& layer = *layers[i];
-    proto::backward(s, host_view(x.data(), n, kD), layer.a(), layer.bt(),
-                    host_view(dy.data(), n, kD), host_view(dx.data(), n, kD), layer.grad_a(),
-                    layer.grad_bt(), host_view(h.data(), n, rank), host_view(dh.data(), n, rank));
-    benchmark::ClobberMemory();
-    if (++i == copies) i = 0;
-  }
-  state.counters["copies"] = static_cast<double>(copies);
-}
-
 // ---- registration -------------------------------------------------------------
 
 void register_all(bool quick) {
@@ -423,80 +310,10 @@ void register_all(bool quick) {
         configure(benchmark::RegisterBenchmark(rb::key(kBackend, "read", r, 0).c_str(), BM_Read, r),
                   n);
       }
-      if (n == 1) {
-        reg("proto_fwd", BM_ProtoForward);
-      }
       reg("delta_bwd", BM_DeltaBackward);
       reg("gemm_bwd", BM_GemmBackward);
-      if (n == 1) reg("proto_bwd", BM_ProtoBackward);
       reg("naive", BM_Naive);
     }
-  }
-}
-
-// Shows that proto::forward and proto::backward compute what rankwise's
-// lora_forward and lora_backward compute (N = 1, r = 16), before timing them.
-void check_prototype() {
-  constexpr std::int64_t r = 16, n = 1;
-  CpuContext ctx;
-  rankwise::LoraConfig cfg;
-  cfg.d_in = kD;
-  cfg.d_out = kD;
-  cfg.rank = r;
-  cfg.alpha = rb::kAlpha;
-  Layer layer(ctx, cfg);
-  layer.init_peft(1);
-  Kern::fill_uniform(ctx, layer.bt(), -0.01, 0.01, 2);
-  const Mat& x = tokens_input(n);
-  const Mat& dy = upstream_grad(n);
-  const T s = static_cast<T>(layer.scale());
-  Mat y_lib = Mat::Zero(n, kD), y_proto = Mat::Zero(n, kD), dx_lib = Mat::Zero(n, kD),
-      dx_proto = Mat::Zero(n, kD), h(n, r), dh(n, r), da(r, kD), dbt(r, kD);
-  layer.forward(host_view(x.data(), n, kD), host_view(y_lib.data(), n, kD));
-  layer.backward(host_view(x.data(), n, kD), host_view(dy.data(), n, kD),
-                 host_view(dx_lib.data(), n, kD));
-  proto::forward(s, host_view(x.data(), n, kD), layer.a(), layer.bt(), host_view(h.data(), n, r),
-                 host_view(y_proto.data(), n, kD));
-  proto::backward(s, host_view(x.data(), n, kD), layer.a(), layer.bt(),
-                  host_view(dy.data(), n, kD), host_view(dx_proto.data(), n, kD),
-                  host_view(da.data(), r, kD), host_view(dbt.data(), r, kD),
-                  host_view(h.data(), n, r), host_view(dh.data(), n, r));
-  auto rel = [](const Mat& got, const Eigen::Map<const Mat>& want) {
-    return (got - want).cwiseAbs().maxCoeff() / want.cwiseAbs().maxCoeff();
-  };
-  const Eigen::Map<const Mat> y_ref(y_lib.data(), n, kD), dx_ref(dx_lib.data(), n, kD);
-  std::printf("prototype check (r = %lld, N = 1), max |proto - rankwise| / max |rankwise|: "
-              "y %.1e, dA %.1e, dB %.1e, dx %.1e\n",
-              static_cast<long long>(r), rel(y_proto, y_ref), rel(da, cmap(layer.grad_a())),
-              rel(dbt, cmap(layer.grad_bt())), rel(dx_proto, dx_ref));
-}
-
-// The prototype's N = 1 rows, next to the library's; not counted in the tally.
-void print_prototype(rb::RecordingReporter& rec, bool quick) {
-  bool header = false;
-  rb::Tally ignored;
-  for (std::int64_t r : rb::ranks(quick)) {
-    const rb::Measurement* pf = rec.find(rb::key(kBackend, "proto_fwd", r, 1));
-    const rb::Measurement* pb = rec.find(rb::key(kBackend, "proto_bwd", r, 1));
-    if (pf == nullptr && pb == nullptr) continue;
-    const rb::Measurement* fwd = rec.find(rb::key(kBackend, "delta_fwd", r, 1));
-    const rb::Measurement* bwd = rec.find(rb::key(kBackend, "delta_bwd", r, 1));
-    const rb::Measurement* gf = rec.find(rb::key(kBackend, "gemm_fwd", r, 1));
-    const rb::Measurement* gb = rec.find(rb::key(kBackend, "gemm_bwd", r, 1));
-    const rb::Measurement* read = rec.find(rb::key(kBackend, "read", r, 0));
-    if (!header) {
-      std::printf("\nprototype (N = 1, not the library): lora_forward/lora_backward's gemm calls "
-                  "with row-vector and rank-1 special cases (proto::gemm in bench_lora.cpp)\n");
-      std::printf("%4s %11s %9s %9s %9s | %11s %9s %9s %9s | %s\n", "r", "proto fwd", "/read",
-                  "/2gemm", "/delta", "proto bwd", "/read", "/5gemm", "/delta", "fwd target");
-      header = true;
-    }
-    std::printf("%4lld %11s %9s %9s %9s | %11s %9s %9s %9s | read %s\n", static_cast<long long>(r),
-                rb::format_time(pf).c_str(), rb::format_ratio(pf, read).c_str(),
-                rb::format_ratio(pf, gf).c_str(), rb::format_ratio(pf, fwd).c_str(),
-                rb::format_time(pb).c_str(), rb::format_ratio(pb, read).c_str(),
-                rb::format_ratio(pb, gb).c_str(), rb::format_ratio(pb, bwd).c_str(),
-                rb::verdict(pf, read, rb::kReadTarget, &ignored).c_str());
   }
 }
 
@@ -519,8 +336,6 @@ int main(int argc, char** argv) {
               "(%zu KiB), so every call reads them from DRAM; the delta, the 2-GEMM baseline and "
               "the read bound (a vectorised sum over A and B) all rotate alike.\n\n",
               rb::kRotationCacheMultiple, largest_cache_bytes() >> 10);
-  check_prototype();
-  std::printf("\n");
   std::fflush(stdout);
 
   rb::RecordingReporter rec(console);
@@ -528,7 +343,6 @@ int main(int argc, char** argv) {
   std::fflush(stdout);
 
   const rb::Tally tally = rb::print_ratio_table(rec, kBackend, "CPU (Eigen, float)", quick);
-  print_prototype(rec, quick);
   // Eigen runs single-threaded here, so thread CPU time is the work's own
   // time. When the machine was busy enough to deschedule the benchmark, the
   // same table on CPU time follows: the steadier view of the same run.
@@ -540,7 +354,6 @@ int main(int argc, char** argv) {
                 busy.size(), busy.front().c_str());
     rec.use_cpu_time(true);
     cpu_tally = rb::print_ratio_table(rec, kBackend, "CPU (Eigen, float)", quick);
-    print_prototype(rec, quick);
     rec.use_cpu_time(false);
   }
   rb::print_summary(rec, tally, busy.empty() ? "" : " (wall-clock)");

@@ -21,9 +21,15 @@
 // The tables use CPU time (one thread: Eigen without OpenMP), which leaves out
 // the spans a shared machine descheduled the process.
 //
-// Also: PROTOTYPES of faster MoS paths (namespace proto, clearly marked, NOT
-// the library), timed as mos_proto and mos_proto_asm and checked against the
-// library's results at start-up.
+// kAuto follows Kernels::prefer_assembled_shards(n): on the CPU always the
+// direct path, whose gathers run as GEMMs over the shared shard rows
+// (broadcast unit lists, Kernels<CpuBackend>::gather_dot & co.).
+//
+// Also: ONE PROTOTYPE (namespace proto, clearly marked, NOT the library),
+// timed as mos_proto_asm and checked against kAssembled at start-up: the
+// assembled path with a plain row copy into one scratch shared by all layers.
+// It is kept because it still beats the library's kAssembled at small N
+// (bench/results/ has the numbers); kAuto never takes kAssembled on the CPU.
 #include <benchmark/benchmark.h>
 
 #include <Eigen/Core>
@@ -36,10 +42,10 @@
 #include <rankwise/rankwise.hpp>
 #include <set>
 #include <string>
-#include <tuple>
 #include <utility>
 #include <vector>
 
+#include "support/cpu_matrix.hpp"
 #include "support/mos_report.hpp"
 #include "support/mos_sizes.hpp"
 #include "support/report.hpp"
@@ -56,7 +62,7 @@ using rankwise::MatrixView;
 using rankwise::ShardPath;
 using rm::Mode;
 using T = float;
-using Mat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+using Mat = rb::RowMajorMatrix<T>;
 using Lora = rankwise::Lora<T, CpuBackend>;
 using Mos = rankwise::Mos<T, CpuBackend>;
 using Pool = rankwise::ShardPool<T, CpuBackend>;
@@ -64,161 +70,11 @@ using Kern = rankwise::Kernels<CpuBackend, T>;
 
 const std::string kBackend = "cpu_f32";
 
-Mat random_matrix(std::int64_t rows, std::int64_t cols, std::uint64_t seed, double lo, double hi) {
-  Mat m(rows, cols);
-  CpuContext ctx;
-  Kern::fill_uniform(ctx, host_view(m.data(), rows, cols), lo, hi, seed);
-  return m;
-}
+using rb::random_matrix;  // support/cpu_matrix.hpp
 
 // =============================================================================
-// PROTOTYPE (not the library): broadcast-aware kernels for MoS's direct path.
+// PROTOTYPE (not the library): the assembled path, assembled differently.
 //
-// Mos's direct path calls gather_dot / gather_axpy / scatter_axpy with index
-// lists broadcast to every token (units.ld == 0: all tokens use the same r
-// shards). The library's CPU kernels loop token by token and unit by unit
-// (a dot product or an axpy of one shard row per (token, unit)): no reuse of
-// a shard row across tokens in registers, so past a few tokens they run at
-// L1/L2 bandwidth instead of GEMM speed. The prototype, for units.ld == 0 and
-// n >= kMinTokens, gathers the r shard rows once into a contiguous (r x w)
-// block and makes each primitive one GEMM:
-//   gather_dot   out (n x r)  = alpha x W_selᵀ + beta out
-//   gather_axpy  y   (n x w) += alpha coef W_sel
-//   scatter_axpy G   (r x w)  = alpha coefᵀ src, then out[u_j] += G[j]
-//                (row by row, so repeated shards in a list still add up)
-// Anything else (per-token routings, fewer tokens) goes to the library
-// kernel unchanged. ProtoMos replays Mos's direct forward/backward call for
-// call (same chunking, same pattern lists) through these kernels.
-// =============================================================================
-namespace proto {
-
-using rankwise::Op;
-using Acc = T;
-constexpr std::int64_t kMinTokens = 8;  // below: the library's per-token loops win (see the sweep)
-
-bool broadcast(const MatrixView<const std::int32_t>& units) {
-  return units.ld == 0 && units.rows >= kMinTokens;
-}
-
-// The r rows of `w` named by the first row of `units`, contiguous.
-const Mat& gather_rows(MatrixView<const T> w, MatrixView<const std::int32_t> units) {
-  static Mat sel;
-  sel.resize(units.cols, w.cols);
-  const auto wm = rankwise::detail::eigen_map(w);
-  for (std::int64_t j = 0; j < units.cols; ++j) sel.row(j) = wm.row(units.data[j]);
-  return sel;
-}
-
-void gather_dot(CpuContext& ctx, Acc alpha, MatrixView<const T> x, MatrixView<const T> w,
-                MatrixView<const std::int32_t> units, MatrixView<Acc> out, Acc beta) {
-  if (!broadcast(units)) return Kern::gather_dot(ctx, alpha, x, w, units, out, beta);
-  const Mat& sel = gather_rows(w, units);
-  auto om = rankwise::detail::eigen_map(out);
-  const auto xm = rankwise::detail::eigen_map(x);
-  if (beta == Acc(0)) {
-    om.noalias() = alpha * (xm * sel.transpose());
-  } else {
-    if (beta != Acc(1)) om *= beta;
-    om.noalias() += alpha * (xm * sel.transpose());
-  }
-}
-
-void gather_axpy(CpuContext& ctx, Acc alpha, MatrixView<const Acc> coef, MatrixView<const T> w,
-                 MatrixView<const std::int32_t> units, MatrixView<T> y) {
-  if (!broadcast(units)) return Kern::gather_axpy(ctx, alpha, coef, w, units, y);
-  const Mat& sel = gather_rows(w, units);
-  auto ym = rankwise::detail::eigen_map(y);
-  ym.noalias() += alpha * (rankwise::detail::eigen_map(coef) * sel);
-}
-
-void scatter_axpy(CpuContext& ctx, Acc alpha, MatrixView<const Acc> coef, MatrixView<const T> src,
-                  MatrixView<const std::int32_t> units, Acc beta, MatrixView<T> out) {
-  if (!broadcast(units)) return Kern::scatter_axpy(ctx, alpha, coef, src, units, beta, out);
-  static Mat g;
-  g.resize(units.cols, src.cols);
-  g.noalias() =
-      alpha * (rankwise::detail::eigen_map(coef).transpose() * rankwise::detail::eigen_map(src));
-  auto om = rankwise::detail::eigen_map(out);
-  if (beta == Acc(0))
-    om.setZero();
-  else if (beta != Acc(1))
-    om *= beta;
-  for (std::int64_t j = 0; j < units.cols; ++j) om.row(units.data[j]) += g.row(j);
-}
-
-// Mos<float, CpuBackend>'s direct path (rankwise/layers/mos.hpp), call for call.
-class ProtoMos {
- public:
-  ProtoMos(Pool& pool, const rankwise::MosConfig& config, const rankwise::ShardIndices& indices)
-      : pool_(&pool),
-        r_(config.rank),
-        l_(pool.config().shards_per_vector),
-        scale_(static_cast<Acc>(config.scale())),
-        pattern_a_(r_ * l_),
-        pattern_b_(r_ * l_) {
-    for (std::int64_t j = 0; j < r_; ++j) {
-      for (std::int64_t s = 0; s < l_; ++s) {
-        pattern_a_[s * r_ + j] = indices.a[j * l_ + s];
-        pattern_b_[s * r_ + j] = indices.b[j * l_ + s];
-      }
-    }
-  }
-
-  void forward(MatrixView<const T> x, MatrixView<T> y) {
-    const std::int64_t n = x.rows;
-    MatrixView<Acc> h = scratch(h_, n);
-    gather_chunks(x, pool_->a(), pattern_a_, h, Acc(1));
-    for (std::int64_t c = 0; c < l_; ++c) {
-      gather_axpy(ctx_, scale_, h, pool_->b(), units(pattern_b_, c, n),
-                  chunk_of(y, c, pool_->config().shard_out()));
-    }
-  }
-
-  void backward(MatrixView<const T> x, MatrixView<const T> dy, MatrixView<T> dx) {
-    const std::int64_t n = x.rows;
-    const auto& pc = pool_->config();
-    MatrixView<Acc> h = scratch(h_, n), dh = scratch(dh_, n);
-    gather_chunks(x, pool_->a(), pattern_a_, h, Acc(1));
-    gather_chunks(dy, pool_->b(), pattern_b_, dh, scale_);
-    for (std::int64_t c = 0; c < l_; ++c) {
-      const auto ua = units(pattern_a_, c, n), ub = units(pattern_b_, c, n);
-      scatter_axpy(ctx_, Acc(1), dh, chunk_of(x, c, pc.shard_in()), ua, Acc(1), pool_->grad_a());
-      scatter_axpy(ctx_, scale_, h, chunk_of(dy, c, pc.shard_out()), ub, Acc(1), pool_->grad_b());
-      if (!dx.empty())
-        gather_axpy(ctx_, Acc(1), dh, pool_->a(), ua, chunk_of(dx, c, pc.shard_in()));
-    }
-  }
-
- private:
-  template <class U>
-  static MatrixView<U> chunk_of(const MatrixView<U>& m, std::int64_t c, std::int64_t width) {
-    return MatrixView<U>(m.data + c * width, m.rows, width, m.space, m.rows <= 1 ? m.cols : m.ld);
-  }
-  MatrixView<const std::int32_t> units(const std::vector<std::int32_t>& pattern, std::int64_t c,
-                                       std::int64_t n) const {
-    return MatrixView<const std::int32_t>(pattern.data() + c * r_, n, r_,
-                                          rankwise::MemorySpace::kHost, 0);
-  }
-  void gather_chunks(MatrixView<const T> m, MatrixView<T> pool,
-                     const std::vector<std::int32_t>& pattern, MatrixView<Acc> out, Acc alpha) {
-    for (std::int64_t c = 0; c < l_; ++c) {
-      gather_dot(ctx_, alpha, chunk_of(m, c, pool.cols), pool, units(pattern, c, m.rows), out,
-                 c == 0 ? Acc(0) : Acc(1));
-    }
-  }
-  MatrixView<Acc> scratch(std::vector<Acc>& buf, std::int64_t n) {
-    if (static_cast<std::int64_t>(buf.size()) < n * r_) buf.resize(n * r_);
-    return host_view(buf.data(), n, r_);
-  }
-
-  Pool* pool_;
-  CpuContext ctx_;
-  std::int64_t r_, l_;
-  Acc scale_;
-  std::vector<std::int32_t> pattern_a_, pattern_b_;
-  std::vector<Acc> h_, dh_;
-};
-
 // The assembled path with two changes, for comparison with Mos's kAssembled:
 // the layer's A (r x d_in) and Bᵀ (r x d_out) are assembled by a plain row
 // copy (Mos: fill with 0, then gather_axpy with unit coefficients: a
@@ -227,6 +83,8 @@ class ProtoMos {
 // also pushes the pool and the activations out of the cache). Then the
 // library's lora_forward / lora_backward, and the row gradients added into
 // the pool, as Mos does.
+namespace proto {
+
 class ProtoAssembled {
  public:
   ProtoAssembled(Pool& pool, const rankwise::MosConfig& config,
@@ -328,13 +186,12 @@ struct Model {
     return layers;
   }
 
-  // The prototypes, on the same pool and the same index lists.
-  template <class Proto>
-  std::vector<std::unique_ptr<Proto>>& proto_layers() {
-    auto& layers = std::get<std::vector<std::unique_ptr<Proto>>>(proto_);
+  // The prototype, on the same pool and the same index lists.
+  std::vector<std::unique_ptr<proto::ProtoAssembled>>& proto_layers() {
+    auto& layers = proto_;
     if (layers.empty()) {
       for (std::int64_t i = 0; i < rm::kLayers; ++i) {
-        layers.push_back(std::make_unique<Proto>(
+        layers.push_back(std::make_unique<proto::ProtoAssembled>(
             pool, rm::mos_config(),
             rankwise::draw_shard_indices(pool.config(), rm::mos_config(), i)));
       }
@@ -365,9 +222,7 @@ struct Model {
 
  private:
   std::map<ShardPath, std::vector<std::unique_ptr<Mos>>> mos_;
-  std::tuple<std::vector<std::unique_ptr<proto::ProtoMos>>,
-             std::vector<std::unique_ptr<proto::ProtoAssembled>>>
-      proto_;
+  std::vector<std::unique_ptr<proto::ProtoAssembled>> proto_;
 };
 
 Model& model(std::int64_t d) {
@@ -428,10 +283,11 @@ void BM_Lora(benchmark::State& state, Mode mode, std::int64_t d, std::int64_t n)
   set_counters(state, n);
 }
 
-void BM_Mos(benchmark::State& state, ShardPath path, Mode mode, std::int64_t d, std::int64_t n) {
-  Model& m = model(d);
-  auto& layers = m.mos(path);
-  Io& b = io(n, d);
+// Passes over layers that share the model's pool (a step zeroes its gradients).
+template <class Layers>
+void time_pool_layers(benchmark::State& state, Model& m, Layers& layers, Mode mode,
+                      std::int64_t n) {
+  Io& b = io(n, m.d);
   for (auto _ : state) {
     if (mode == Mode::kStep) m.pool.zero_grad();
     pass(layers, mode, b);
@@ -440,17 +296,14 @@ void BM_Mos(benchmark::State& state, ShardPath path, Mode mode, std::int64_t d, 
   set_counters(state, n);
 }
 
-template <class Proto>
-void BM_Proto(benchmark::State& state, Mode mode, std::int64_t d, std::int64_t n) {
+void BM_Mos(benchmark::State& state, ShardPath path, Mode mode, std::int64_t d, std::int64_t n) {
   Model& m = model(d);
-  auto& layers = m.proto_layers<Proto>();
-  Io& b = io(n, d);
-  for (auto _ : state) {
-    if (mode == Mode::kStep) m.pool.zero_grad();
-    pass(layers, mode, b);
-    benchmark::ClobberMemory();
-  }
-  set_counters(state, n);
+  time_pool_layers(state, m, m.mos(path), mode, n);
+}
+
+void BM_ProtoAssembled(benchmark::State& state, Mode mode, std::int64_t d, std::int64_t n) {
+  Model& m = model(d);
+  time_pool_layers(state, m, m.proto_layers(), mode, n);
 }
 
 void BM_ZeroGrad(benchmark::State& state, std::int64_t d) {
@@ -459,17 +312,6 @@ void BM_ZeroGrad(benchmark::State& state, std::int64_t d) {
     m.pool.zero_grad();
     benchmark::ClobberMemory();
   }
-}
-
-std::string auto_path(std::int64_t n) {
-  // Mos::path_for with kAuto: Kernels::prefer_dense(n, r, r).
-  return Kern::prefer_dense(n, rm::kRank, rm::kRank) ? "assembled" : "direct";
-}
-
-const char* path_name(ShardPath p) {
-  return p == ShardPath::kDirect      ? "mos_direct"
-         : p == ShardPath::kAssembled ? "mos_assembled"
-                                      : "mos_auto";
 }
 
 // ---- registration -------------------------------------------------------------
@@ -496,11 +338,9 @@ void register_all(bool quick) {
     for (Mode mode : {Mode::kFwd, Mode::kStep}) {
       reg(rm::key(kBackend, "lora", mode, d, n), n, BM_Lora, mode, d, n);
       for (ShardPath p : {ShardPath::kDirect, ShardPath::kAssembled, ShardPath::kAuto}) {
-        reg(rm::key(kBackend, path_name(p), mode, d, n), n, BM_Mos, p, mode, d, n);
+        reg(rm::key(kBackend, rm::path_name(p), mode, d, n), n, BM_Mos, p, mode, d, n);
       }
-      reg(rm::key(kBackend, "mos_proto", mode, d, n), n, BM_Proto<proto::ProtoMos>, mode, d, n);
-      reg(rm::key(kBackend, "mos_proto_asm", mode, d, n), n, BM_Proto<proto::ProtoAssembled>, mode,
-          d, n);
+      reg(rm::key(kBackend, "mos_proto_asm", mode, d, n), n, BM_ProtoAssembled, mode, d, n);
     }
   }
   // Crossover sweep: direct vs assembled (and the prototype), fwd and bwd.
@@ -508,23 +348,20 @@ void register_all(bool quick) {
     for (std::int64_t n : rm::sweep_counts(quick)) {
       for (Mode mode : {Mode::kFwd, Mode::kBwd}) {
         for (ShardPath p : {ShardPath::kDirect, ShardPath::kAssembled}) {
-          reg(rm::key(kBackend, path_name(p), mode, sd, n), n, BM_Mos, p, mode, sd, n);
+          reg(rm::key(kBackend, rm::path_name(p), mode, sd, n), n, BM_Mos, p, mode, sd, n);
         }
-        reg(rm::key(kBackend, "mos_proto", mode, sd, n), n, BM_Proto<proto::ProtoMos>, mode, sd, n);
-        reg(rm::key(kBackend, "mos_proto_asm", mode, sd, n), n, BM_Proto<proto::ProtoAssembled>,
-            mode, sd, n);
+        reg(rm::key(kBackend, "mos_proto_asm", mode, sd, n), n, BM_ProtoAssembled, mode, sd, n);
         reg(rm::key(kBackend, "lora", mode, sd, n), n, BM_Lora, mode, sd, n);
       }
     }
   }
 }
 
-// ---- prototype check: same results as the library's direct path ----------------
+// ---- prototype check: same results as the library's assembled path -------------
 
 // Max |a - b| / max |b| over y, dx and both pool gradients, on a small stack:
-// the prototype `Proto` against the library's Mos on `path`.
-template <class Proto>
-double proto_deviation(std::int64_t n, ShardPath path) {
+// the prototype against the library's Mos on kAssembled.
+double proto_deviation(std::int64_t n) {
   const std::int64_t d = 256;
   CpuContext ctx;
   rankwise::ShardPoolConfig pc = rm::pool_config(d);
@@ -545,8 +382,8 @@ double proto_deviation(std::int64_t n, ShardPath path) {
   };
   double worst = 0;
   for (std::int64_t layer = 0; layer < pc.num_layers; ++layer) {
-    Mos lib(pool, layer, rm::mos_config(), path);
-    Proto pr(pool, rm::mos_config(), lib.indices());
+    Mos lib(pool, layer, rm::mos_config(), ShardPath::kAssembled);
+    proto::ProtoAssembled pr(pool, rm::mos_config(), lib.indices());
     const auto a = run(pr), b = run(lib);
     for (std::size_t i = 0; i < a.size(); ++i) {
       const double scale = std::max<double>(b[i].cwiseAbs().maxCoeff(), 1e-30);
@@ -558,38 +395,25 @@ double proto_deviation(std::int64_t n, ShardPath path) {
 
 void print_proto_table(rm::Times& t, bool quick) {
   const std::int64_t d = rm::kDim;
-  std::printf(
-      "\nPROTOTYPES (bench_mos.cpp, namespace proto; not the library), %s per pass, "
-      "d = %lld:\n",
-      t.clock(), static_cast<long long>(d));
-  std::printf(
-      "  proto     = kDirect with broadcast-aware kernels: one GEMM on the r gathered "
-      "shard rows per call when all tokens share the index list and N >= %lld (below, "
-      "it runs the library's kernels: its ratio to kDirect there is an A/A check of the "
-      "noise)\n",
-      static_cast<long long>(proto::kMinTokens));
-  std::printf(
-      "  proto_asm = kAssembled with a plain row copy into one scratch shared by all "
-      "layers (no per-layer assembled buffers)\n");
-  std::printf("%5s %5s %10s %10s %10s %10s | %8s %8s %8s | %8s %8s %8s\n", "N", "mode", "lora",
-              "auto", "proto", "proto_asm", "auto/lr", "proto/lr", "p_asm/lr", "pr/dir",
-              "p_asm/asm", "pr/auto");
+  std::printf("\nPROTOTYPE (bench_mos.cpp, namespace proto; not the library), %s per pass, "
+              "d = %lld:\n",
+              t.clock(), static_cast<long long>(d));
+  std::printf("  proto_asm = kAssembled with a plain row copy into one scratch shared by all "
+              "layers (no per-layer assembled buffers); kAuto = direct on the CPU\n");
+  std::printf("%5s %5s %10s %10s %10s %10s | %9s %9s %9s\n", "N", "mode", "lora", "direct",
+              "assembled", "proto_asm", "p_asm/asm", "p_asm/dir", "p_asm/lr");
   for (std::int64_t n : rm::token_counts(quick)) {
     for (Mode mode : {Mode::kFwd, Mode::kStep}) {
-      const rb::Measurement* p = t(rm::key(kBackend, "mos_proto", mode, d, n));
-      if (p == nullptr) continue;
       const rb::Measurement* pa = t(rm::key(kBackend, "mos_proto_asm", mode, d, n));
+      if (pa == nullptr) continue;
       const rb::Measurement* lora = t(rm::key(kBackend, "lora", mode, d, n));
       const rb::Measurement* dir = t(rm::key(kBackend, "mos_direct", mode, d, n));
       const rb::Measurement* asm_ = t(rm::key(kBackend, "mos_assembled", mode, d, n));
-      const rb::Measurement* aut = t(rm::key(kBackend, "mos_auto", mode, d, n));
-      std::printf("%5lld %5s %10s %10s %10s %10s | %8s %8s %8s | %8s %8s %8s\n",
-                  static_cast<long long>(n), rm::mode_name(mode), rb::format_time(lora).c_str(),
-                  rb::format_time(aut).c_str(), rb::format_time(p).c_str(),
-                  rb::format_time(pa).c_str(), rb::format_ratio(aut, lora).c_str(),
-                  rb::format_ratio(p, lora).c_str(), rb::format_ratio(pa, lora).c_str(),
-                  rb::format_ratio(p, dir).c_str(), rb::format_ratio(pa, asm_).c_str(),
-                  rb::format_ratio(p, aut).c_str());
+      std::printf("%5lld %5s %10s %10s %10s %10s | %9s %9s %9s\n", static_cast<long long>(n),
+                  rm::mode_name(mode), rb::format_time(lora).c_str(), rb::format_time(dir).c_str(),
+                  rb::format_time(asm_).c_str(), rb::format_time(pa).c_str(),
+                  rb::format_ratio(pa, asm_).c_str(), rb::format_ratio(pa, dir).c_str(),
+                  rb::format_ratio(pa, lora).c_str());
     }
   }
 }
@@ -613,12 +437,8 @@ int main(int argc, char** argv) {
               EIGEN_MINOR_VERSION, Eigen::SimdInstructionSetsInUse(), Eigen::nbThreads());
   std::printf(
       "prototype check (N = 3 and 40, d = 256, 4 layers; y, dx, pool gradients): max "
-      "relative deviation, mos_proto vs kDirect %.1e %.1e, mos_proto_asm vs kAssembled "
-      "%.1e %.1e\n",
-      proto_deviation<proto::ProtoMos>(3, ShardPath::kDirect),
-      proto_deviation<proto::ProtoMos>(40, ShardPath::kDirect),
-      proto_deviation<proto::ProtoAssembled>(3, ShardPath::kAssembled),
-      proto_deviation<proto::ProtoAssembled>(40, ShardPath::kAssembled));
+      "relative deviation, mos_proto_asm vs kAssembled %.1e %.1e\n",
+      proto_deviation(3), proto_deviation(40));
   std::fflush(stdout);
 
   rb::RecordingReporter rec(console);
@@ -628,10 +448,11 @@ int main(int argc, char** argv) {
   const std::string title = "CPU (Eigen, float)";
   rm::Times times(rec, /*cpu_time=*/true);  // single-threaded: CPU time skips descheduled spans
   rm::print_parameter_bytes(rm::kDim, sizeof(T), "float");
+  const rm::PathOf auto_path = rm::auto_path<CpuBackend, T>;
   const rb::Tally tally = rm::print_stack_table(times, kBackend, title, rm::kDim, quick, auto_path);
   for (std::int64_t d : rm::sweep_dims(quick)) {
     rm::print_crossover_table(times, kBackend, title, d, quick, auto_path,
-                              {"mos_proto", "mos_proto_asm", "lora"});
+                              {"mos_proto_asm", "lora"});
   }
   print_proto_table(times, quick);
   const auto busy = rec.preempted(0.9);

@@ -219,18 +219,6 @@ void BM_ZeroGrad(benchmark::State& state, std::int64_t d) {
 }
 
 template <class T>
-std::string auto_path(std::int64_t n) {
-  return rankwise::Kernels<CudaBackend, T>::prefer_dense(n, rm::kRank, rm::kRank) ? "assembled"
-                                                                                  : "direct";
-}
-
-const char* path_name(ShardPath p) {
-  return p == ShardPath::kDirect      ? "mos_direct"
-         : p == ShardPath::kAssembled ? "mos_assembled"
-                                      : "mos_auto";
-}
-
-template <class T>
 void register_type(bool quick) {
   const std::string be = TypeInfo<T>::kBackend;
   const double min_time = quick ? 0.005 : 0.1;
@@ -248,7 +236,7 @@ void register_type(bool quick) {
     for (Mode mode : {Mode::kFwd, Mode::kStep}) {
       reg(rm::key(be, "lora", mode, d, n), BM_Lora<T>, mode, d, n);
       for (ShardPath p : {ShardPath::kDirect, ShardPath::kAssembled, ShardPath::kAuto}) {
-        reg(rm::key(be, path_name(p), mode, d, n), BM_Mos<T>, p, mode, d, n);
+        reg(rm::key(be, rm::path_name(p), mode, d, n), BM_Mos<T>, p, mode, d, n);
       }
     }
   }
@@ -256,7 +244,7 @@ void register_type(bool quick) {
     for (std::int64_t n : rm::sweep_counts(quick)) {
       for (Mode mode : {Mode::kFwd, Mode::kBwd}) {
         for (ShardPath p : {ShardPath::kDirect, ShardPath::kAssembled}) {
-          reg(rm::key(be, path_name(p), mode, sd, n), BM_Mos<T>, p, mode, sd, n);
+          reg(rm::key(be, rm::path_name(p), mode, sd, n), BM_Mos<T>, p, mode, sd, n);
         }
         reg(rm::key(be, "lora", mode, sd, n), BM_Lora<T>, mode, sd, n);
       }
@@ -269,9 +257,10 @@ rb::Tally print_type(rm::Times& times, bool quick) {
   const std::string be = TypeInfo<T>::kBackend;
   const std::string title = std::string("GPU (CUDA, ") + TypeInfo<T>::kName + ")";
   rm::print_parameter_bytes(rm::kDim, sizeof(T), TypeInfo<T>::kName);
-  const rb::Tally tally = rm::print_stack_table(times, be, title, rm::kDim, quick, auto_path<T>);
+  const rm::PathOf auto_path = rm::auto_path<CudaBackend, T>;
+  const rb::Tally tally = rm::print_stack_table(times, be, title, rm::kDim, quick, auto_path);
   for (std::int64_t d : rm::sweep_dims(quick)) {
-    rm::print_crossover_table(times, be, title, d, quick, auto_path<T>, {"lora"});
+    rm::print_crossover_table(times, be, title, d, quick, auto_path, {"lora"});
   }
   return tally;
 }

@@ -68,7 +68,7 @@ inline void print_parameter_bytes(std::int64_t d, std::size_t bytes_per_value,
               mib(lora).c_str());
   std::printf("  MoS / LoRA parameter bytes = %.3f\n", mos / lora);
   // Not parameters, but resident per layer once a layer takes the assembled
-  // path (kAssembled, or kAuto at large N): assembled A (r x d_in), Bᵀ
+  // path (kAssembled, or kAuto where prefer_assembled_shards(n)): assembled A (r x d_in), Bᵀ
   // (r x d_out) and their gradients, members of every Mos (layers/mos.hpp).
   const double assembled = 2.0 * kLayers * kRank * (d + d) * bytes_per_value;
   std::printf("  (working memory, from layers/mos.hpp: each Mos on the assembled path keeps A, "

@@ -1,6 +1,6 @@
 // Shapes and result names of the MoS benchmark, shared by the CPU and the GPU
 // binary so both measure exactly the same model-like stack. Plain C++17 plus
-// rankwise's core config headers: no Eigen, no CUDA, no Google Benchmark.
+// rankwise's backend-neutral headers: no Eigen, no CUDA, no Google Benchmark.
 #pragma once
 
 #include <cstdint>
@@ -9,6 +9,7 @@
 
 #include "rankwise/core/lora_config.hpp"
 #include "rankwise/core/shard_config.hpp"
+#include "rankwise/layers/mos.hpp"
 
 namespace rankwise {
 namespace bench {
@@ -96,13 +97,29 @@ inline const char* mode_name(Mode m) {
 
 /// Result names:
 ///   <backend>/<impl>_<mode>/d:<d>/N:<N>
-/// impl: lora (the dense baseline), mos_direct, mos_assembled, mos_auto, and
-/// backend-specific extras (the CPU prototype: mos_proto).
+/// impl: lora (the dense baseline), mos_direct, mos_assembled, mos_auto
+/// (path_name below), and backend-specific extras (the CPU prototype:
+/// mos_proto_asm).
 inline std::string key(const std::string& backend, const std::string& impl, Mode mode,
                        std::int64_t d, std::int64_t n) {
   return backend + "/" + impl + "_" + mode_name(mode) + "/d:" + std::to_string(d) +
          "/N:" + std::to_string(n);
 }
+/// The result-name impl of a Mos layer on `path`.
+inline const char* path_name(ShardPath path) {
+  return path == ShardPath::kDirect      ? "mos_direct"
+         : path == ShardPath::kAssembled ? "mos_assembled"
+                                         : "mos_auto";
+}
+
+/// The path Mos's kAuto takes for n tokens (Mos::path_for:
+/// Kernels::prefer_assembled_shards), as the tables name it. Instantiate
+/// after including the backend (<rankwise/rankwise.hpp> or <rankwise/cuda.cuh>).
+template <class Backend, class T>
+std::string auto_path(std::int64_t n) {
+  return Kernels<Backend, T>::prefer_assembled_shards(n) ? "assembled" : "direct";
+}
+
 /// The pool's zero_grad() alone (part of every MoS step).
 inline std::string zero_grad_key(const std::string& backend, std::int64_t d) {
   return backend + "/mos_zero_grad/d:" + std::to_string(d);

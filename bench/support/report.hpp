@@ -157,17 +157,23 @@ struct Tally {
   int miss = 0;
 };
 
-// "PASS (1.03 <= 1.1)", "MISS (...)", "n/a" when a time is missing.
-inline std::string verdict(const Measurement* num, const Measurement* den, double target,
-                           Tally* tally) {
-  if (num == nullptr || den == nullptr || den->real_s <= 0) return "n/a (not measured)";
-  const double r = num->real_s / den->real_s;
+// A ratio against its target: "PASS (0.93 <= 1.10)", "MISS (1.31 > 1.20)",
+// counted into `tally`; "n/a (not measured)" for r < 0 (a time is missing).
+inline std::string judge(double r, double target, Tally* tally) {
+  if (r < 0) return "n/a (not measured)";
   const bool ok = r <= target;
   ++(ok ? tally->pass : tally->miss);
   char buf[64];
   std::snprintf(buf, sizeof buf, "%s (%.2f %s %.2f)", ok ? "PASS" : "MISS", r, ok ? "<=" : ">",
                 target);
   return buf;
+}
+
+// judge() of num / den (real_s); "n/a" when a time is missing.
+inline std::string verdict(const Measurement* num, const Measurement* den, double target,
+                           Tally* tally) {
+  if (num == nullptr || den == nullptr || den->real_s <= 0) return "n/a (not measured)";
+  return judge(num->real_s / den->real_s, target, tally);
 }
 
 /// Prints the forward and backward ratio tables of one backend (`backend` is

@@ -54,22 +54,14 @@ struct Model {
     if (!smora) return lora_weight_bytes(rank, elem);
     return static_cast<std::size_t>((kRank / group + 2 * kTopK) * kDim) * elem;
   }
-  /// The layers of a pool: SMoRA's three paths share the layers of one g.
+  /// The layers of a pool: SMoRA's three paths share the layers of one g
+  /// (separate rotations of 256 layers per path would need several GiB);
+  /// run_layer switches their path with Smora::set_path before each run.
   std::string pool_id(bool uncached) const {
     return (smora ? "smora/g:" + std::to_string(group) : "lora/r:" + std::to_string(rank)) + "/" +
            cache_name(uncached);
   }
 };
-
-/// Bench-only: Smora has no setter for its rank-unit path, and the three paths
-/// of one g share their layers (separate rotations of 256 layers per path
-/// would need several GiB), so this switches the path of an existing layer
-/// between runs. Well-defined (the layer object itself is not const); a
-/// Smora::set_path() would make it unnecessary.
-template <class Layer>
-void set_rank_unit_path(Layer& layer, RankUnitPath path) {
-  const_cast<SmoraConfig&>(layer.config()).path = path;
-}
 
 /// Every model of the layer table, in the order the benchmarks run.
 inline std::vector<Model> table_models() {
@@ -154,8 +146,8 @@ class Suite {
     }
   }
 
-  /// Inputs of one crossover case (public: the CPU file runs its prototype
-  /// kernels on the same data).
+ private:
+  /// Inputs of one crossover case.
   struct UnitCase {
     Buffer<Backend, T> x, a, bt, dy, y, dx, da, dbt;
     Buffer<Backend, std::int32_t> units;
@@ -232,7 +224,6 @@ class Suite {
     return (backward ? 10 : 4) * n * rank * d;
   }
 
- private:
   struct Activations {
     Buffer<Backend, T> x, y, dy, dx;
   };
@@ -295,7 +286,7 @@ class Suite {
         cfg.router.group_size = m.group;
         cfg.router.top_k = kTopK;
         cfg.alpha = kSmoraAlpha;
-        cfg.path = RankUnitPath::kAuto;  // set per run: set_rank_unit_path
+        cfg.path = RankUnitPath::kAuto;  // set per run: Smora::set_path
         cfg.check_finite = Timer::kCheckFinite;
         auto layer = std::make_unique<SmoraLayer>(*ctx_, cfg);
         if (i == 0) {
@@ -344,7 +335,7 @@ class Suite {
     const std::int64_t count = p.size();
 
     if (m.smora) {
-      for (auto& layer : p.smora) set_rank_unit_path(*layer, m.path);
+      for (auto& layer : p.smora) layer->set_path(m.path);
     }
     auto forward = [&](std::int64_t i, Mode mode) {
       if (m.smora) {

@@ -68,17 +68,6 @@ inline std::string fmt_ratio(double r) {
   return buf;
 }
 
-// "PASS (0.93 <= 1.10)"; "n/a" when a time is missing. Counts into `t`.
-inline std::string judge(double r, double target, Tally* t) {
-  if (r < 0) return "n/a (not measured)";
-  const bool ok = r <= target;
-  ++(ok ? t->pass : t->miss);
-  char buf[64];
-  std::snprintf(buf, sizeof buf, "%s (%.2f %s %.2f)", ok ? "PASS" : "MISS", r, ok ? "<=" : ">",
-                target);
-  return buf;
-}
-
 struct SmoraTally {
   Tally cached, uncached;
   int pass() const { return cached.pass + uncached.pass; }
@@ -216,12 +205,10 @@ RuleScore score_rule(const std::vector<CrossCell>& cells, Pick pick) {
 }
 
 /// The crossover table (rank_units_forward / backward, kSparse vs kDense),
-/// per d and (k, r); `extra` names further measured paths (e.g. a prototype)
-/// shown as time and ratio to sparse. Then fits the rule
+/// per d and (k, r). Then fits the rule
 /// "dense iff n >= N0 and r <= c k" to the grid and prints the best candidates
 /// next to the backend's current prefer_dense. Returns the grid.
-inline std::vector<CrossCell> print_crossover(RecordingReporter& rec, const ReportOptions& o,
-                                              const std::vector<std::string>& extra = {}) {
+inline std::vector<CrossCell> print_crossover(RecordingReporter& rec, const ReportOptions& o) {
   const Clock c = o.clock;
   std::vector<CrossCell> cells;
   std::printf("\n== %s: crossover of the rank-unit paths (rank_units_forward / backward "
@@ -233,11 +220,8 @@ inline std::vector<CrossCell> print_crossover(RecordingReporter& rec, const Repo
       std::printf("\nd = %lld, k = %lld, r = %lld (r/k = %lld)\n", static_cast<long long>(d),
                   static_cast<long long>(s.k), static_cast<long long>(s.r),
                   static_cast<long long>(s.r / s.k));
-      std::printf("%5s | %9s %9s %5s", "N", "fwd sp", "fwd de", "d/s");
-      for (const std::string& e : extra) std::printf(" %9s %5s", ("fwd " + e).c_str(), "/sp");
-      std::printf(" | %9s %9s %5s", "bwd sp", "bwd de", "d/s");
-      for (const std::string& e : extra) std::printf(" %9s %5s", ("bwd " + e).c_str(), "/sp");
-      std::printf(" | rule\n");
+      std::printf("%5s | %9s %9s %5s | %9s %9s %5s | rule\n", "N", "fwd sp", "fwd de", "d/s",
+                  "bwd sp", "bwd de", "d/s");
       for (std::int64_t n : crossover_tokens(o.quick)) {
         std::string line;
         char buf[160];
@@ -253,12 +237,6 @@ inline std::vector<CrossCell> print_crossover(RecordingReporter& rec, const Repo
           std::snprintf(buf, sizeof buf, " %9s %9s %5s", fmt_time(sp, c).c_str(),
                         fmt_time(de, c).c_str(), fmt_ratio(ds).c_str());
           line += buf;
-          for (const std::string& e : extra) {
-            const Measurement* ex = rec.find(units_key(o.backend, backward, d, s, e, n));
-            std::snprintf(buf, sizeof buf, " %9s %5s", fmt_time(ex, c).c_str(),
-                          fmt_ratio(ratio(ex, sp, c)).c_str());
-            line += buf;
-          }
           line += " |";
           if (sp != nullptr && de != nullptr) {
             any = true;

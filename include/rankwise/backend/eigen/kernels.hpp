@@ -192,19 +192,19 @@ struct Kernels<CpuBackend, T> {
 
   /// Rank-unit path: the dense path (two GEMMs over all r units, gates as a
   /// mask) does r / k times the arithmetic of the gathers at about 2.4x their
-  /// rate, so it wins only when every unit is used (k >= r) and tokens are
-  /// enough to amortise the GEMM setup. Fitted with bench_smora --crossover
-  /// over k/r in {4..64}/64, 8/16, 16/16 and N in 1..2048 (SSE2 and AVX-512
-  /// builds): 1.005x the best path on average, 1.41x at worst.
+  /// rate, so it wins when every unit is used (k >= r), at any token count.
+  /// Fitted with bench_smora --crossover over k/r in {4..64}/64, 8/16, 16/16
+  /// and N in 1..2048 (bench/results/cpu-2026-11-26-smora-crossover.md): on
+  /// the default build 1.001x the best path on average, 1.17x at worst.
   static bool prefer_dense(std::int64_t n, std::int64_t k, std::int64_t r) {
     return n >= kDenseMinTokens && k * kDenseRatio >= r;
   }
-  static constexpr std::int64_t kDenseMinTokens = 16;
+  static constexpr std::int64_t kDenseMinTokens = 1;
   static constexpr std::int64_t kDenseRatio = 1;
 
   /// MoS: the direct path's gathers run as GEMMs over the shared shard rows
   /// (broadcast units), so reading shards in place is never slower than
-  /// assembling A and B first (bench_mos, see README).
+  /// assembling A and B first (bench_mos, bench/results/cpu-2026-11-26-mos.md).
   static bool prefer_assembled_shards(std::int64_t /*n*/) { return false; }
 
   static void count_experts(Ctx&, MatrixView<const std::int32_t> experts,
@@ -377,11 +377,13 @@ struct Kernels<CpuBackend, T> {
     return false;
   }
 
-  // Every token uses the same units (ld = 0): the gathers become GEMMs over
-  // the k selected rows, as in MoS and LoRA-LEGO.
+  // Every token uses the same units (ld = 0): from 8 tokens the gathers run
+  // as GEMMs over the k selected rows (MoS, LoRA-LEGO); below that the
+  // per-token loops are faster (2.2x at N = 2, even at N = 8; bench_mos).
   static bool broadcast(const MatrixView<const std::int32_t>& units) {
-    return units.ld == 0 && units.rows > 1;
+    return units.ld == 0 && units.rows >= kBroadcastGemmMinTokens;
   }
+  static constexpr std::int64_t kBroadcastGemmMinTokens = 8;
   template <class MapT>
   static detail::RowMajorMatrix<T> gather_rows(const MapT& wm,
                                                const MatrixView<const std::int32_t>& units) {
