@@ -32,3 +32,11 @@ if(RANKWISE_BUILD_EXAMPLES)
   set_tests_properties(rankwise_merge.bad_method PROPERTIES
     PASS_REGULAR_EXPRESSION "unknown merge method 'average'")
 endif()
+
+if(RANKWISE_HAS_CUDA)
+  # LoRA-LEGO's GPU distance computations; exits 77 without a device.
+  add_executable(test_merge_cuda ${CMAKE_CURRENT_LIST_DIR}/test_merge_cuda.cu)
+  target_link_libraries(test_merge_cuda PRIVATE rankwise_catch rankwise::cuda rankwise_warnings)
+  add_test(NAME test_merge_cuda COMMAND test_merge_cuda --warn NoAssertions)
+  set_tests_properties(test_merge_cuda PROPERTIES LABELS cuda TIMEOUT 300 SKIP_RETURN_CODE 77)
+endif()

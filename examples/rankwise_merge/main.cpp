@@ -3,6 +3,10 @@
 // quality report.
 #include <rankwise/rankwise.hpp>
 
+#if defined(RANKWISE_MERGE_WITH_CUDA)
+#include "gpu_gram.hpp"
+#endif
+
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -17,7 +21,8 @@ namespace {
 const char* kUsage =
     "usage: rankwise-merge --method lego|sum|svd|ties|linear --rank K [--weights w1,w2,...]\n"
     "                      [--seed S] [--report FILE.json] [--threads N] [--density D]\n"
-    "                      [--dtype f32|f16|bf16] [--overwrite] -o OUT_DIR ADAPTER_DIR...\n"
+    "                      [--dtype f32|f16|bf16] [--device cpu|cuda] [--overwrite]\n"
+    "                      -o OUT_DIR ADAPTER_DIR...\n"
     "\n"
     "Merges the PEFT LoRA adapters ADAPTER_DIR... module by module into one adapter of rank K\n"
     "written to OUT_DIR (a new directory; written elsewhere first, then renamed into place).\n"
@@ -28,7 +33,9 @@ const char* kUsage =
     "  linear  PEFT's A/B-separate 'linear' rule: inexact (cross terms), for parity only\n"
     "--weights  one per adapter (default 1)      --seed     k-means / SVD seed (default 0)\n"
     "--report   JSON quality report per module   --threads  worker threads (default 2)\n"
-    "--density  TIES density (default 0.2)       --dtype    output dtype (default f32)\n";
+    "--density  TIES density (default 0.2)       --dtype    output dtype (default f32)\n"
+    "--device   where lego computes its distances: cpu (default) or cuda (cuBLAS, when built\n"
+    "           with CUDA and a device is present)\n";
 
 [[noreturn]] void usage_error(const std::string& message) {
   std::cerr << "rankwise-merge: " << message << "\n\n" << kUsage;
@@ -66,6 +73,7 @@ int main(int argc, char** argv) {
   std::vector<double> weights;
   io::DType dtype = io::DType::kF32;
   bool overwrite = false, rank_given = false;
+  std::string device = "cpu";
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     auto value = [&]() -> std::string {
@@ -96,6 +104,9 @@ int main(int argc, char** argv) {
       else if (d == "f16") dtype = io::DType::kF16;
       else if (d == "bf16") dtype = io::DType::kBF16;
       else usage_error("--dtype must be f32, f16 or bf16, got '" + d + "'");
+    } else if (arg == "--device") {
+      device = value();
+      if (device != "cpu" && device != "cuda") usage_error("--device must be cpu or cuda");
     } else if (arg == "--overwrite") {
       overwrite = true;
     } else if (arg == "-o" || arg == "--output") {
@@ -118,6 +129,13 @@ int main(int argc, char** argv) {
     if (options.method == merge::MergeMethod::kLinear) {
       std::cerr << "rankwise-merge: warning: 'linear' is PEFT's inexact rule (A and B combined "
                    "separately, so cross terms B_t A_u enter); use svd or lego for a real merge\n";
+    }
+    if (device == "cuda") {
+#if defined(RANKWISE_MERGE_WITH_CUDA)
+      options.lego.gram = gpu_gram();
+#else
+      usage_error("--device cuda: this build of rankwise-merge has no CUDA support");
+#endif
     }
     const auto start = std::chrono::steady_clock::now();
     std::vector<io::PeftAdapter> adapters;

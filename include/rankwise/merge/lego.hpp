@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "rankwise/core/tensor_map.hpp"
+#include "rankwise/merge/gram.hpp"
 #include "rankwise/merge/kmeans.hpp"
 #include "rankwise/merge/lora_factors.hpp"
 
@@ -33,6 +34,10 @@ struct LegoOptions {
   /// Before clustering, flip each unit so its a has a positive largest-magnitude
   /// entry and rescale so ‖a‖ = ‖b‖; b aᵀ is unchanged.
   bool canonicalize_units = false;
+  /// Computes the Gram matrix the clustering runs on: gram (n x n) = U Uᵀ for
+  /// the units U (n x d), both row-major in double. Empty: Eigen on the CPU;
+  /// rankwise/merge/cuda_gram.cuh provides one on the GPU (cuBLAS).
+  GramFunction gram{};
 };
 
 /// The merged module: rank-one units (a_j, b_j) = centroid halves, each with
@@ -99,6 +104,16 @@ inline double unit_norm(const Eigen::Ref<const Eigen::RowVectorXd>& u, UnitNorm 
   return norm == UnitNorm::kLInf ? u.cwiseAbs().maxCoeff() : u.norm();
 }
 
+// U Uᵀ, by the caller's function when one is given (e.g. on the GPU).
+inline Eigen::MatrixXd gram_of(const Eigen::MatrixXd& units, const GramFunction& gram) {
+  if (!gram) return units * units.transpose();
+  const Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> rows = units;
+  Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> out(units.rows(),
+                                                                              units.rows());
+  gram(rows.data(), rows.rows(), rows.cols(), out.data());
+  return out;
+}
+
 inline std::vector<Eigen::Index> lexicographic_order(const Eigen::MatrixXd& rows) {
   std::vector<Eigen::Index> order(static_cast<std::size_t>(rows.rows()));
   std::iota(order.begin(), order.end(), Eigen::Index(0));
@@ -153,9 +168,9 @@ inline LegoResult lego_merge(const MergeInput& in, const LegoOptions& options,
       const double norm = normalized.row(i).norm();
       if (norm > 0) normalized.row(i) /= norm;
     }
-    gram = normalized * normalized.transpose();
+    gram = detail::gram_of(normalized, options.gram);
   } else {
-    gram = units * units.transpose();
+    gram = detail::gram_of(units, options.gram);
   }
   KMeansOptions km = options.kmeans;
   km.k = k;
