@@ -35,9 +35,11 @@ struct dependent_false {
 ///   download(ctx, src, host)                 contiguous row-major host array = src
 ///   synchronize(ctx)                         waits for queued work
 ///
-/// Rank-unit primitives (METHODS: shrink/expand). units (n x k, int32) name a
-/// rank unit (row of a or bt) per token and slot; coef, gates, h are (n x k)
-/// in Acc. Routing rules come from rankwise/core/routing.hpp, called per token.
+/// Rank-unit primitives (the shrink, a_u · x, and expand, y += g h b_u, of every
+/// layer). units (n x k, int32) name a rank unit (row of a or bt) per token and
+/// slot; coef, gates, h are (n x k) in Acc. Unit views (units, and the index
+/// lists of shard layers) may have ld = 0: every token then uses the same row
+/// of indices. Routing rules come from rankwise/core/routing.hpp, per token.
 ///
 ///   gemm_acc(ctx, alpha, a, op_a, b, op_b, beta, c)   as gemm, c in Acc
 ///   route(ctx, rule, logits, bias, scores, experts, units, gates, bad)
@@ -53,9 +55,6 @@ struct dependent_false {
 ///   update_bias(ctx, counts, rate, bias)     bias_e += balance_bias_step(...)
 ///   gather_dot(ctx, alpha, x, w, units, out, beta = 0)
 ///       out[n][j] = alpha * (w[units[n][j]] · x[n]) + beta * out[n][j]
-///
-/// Unit views (units, and the index lists of shard layers) may have ld = 0:
-/// every token then uses the same row of indices.
 ///   gather_axpy(ctx, alpha, coef, w, units, y)
 ///       y[n] += alpha * Σ_j coef[n][j] * w[units[n][j]]
 ///   scatter_axpy(ctx, alpha, coef, src, units, beta, out)
@@ -66,7 +65,6 @@ struct dependent_false {
 ///                                            dense[n][units[n][j]] += values[n][j]
 ///   gather_cols(ctx, dense, units, out)      out[n][j] = dense[n][units[n][j]], dense in T
 ///   scale_by(ctx, factors, m)                m ⊙= factors (m in T, factors in Acc)
-///   column_sums(ctx, m, mask, out)           out (1 x cols, Acc) = Σ of masked rows
 ///   read_int(ctx, v)                         the value of a (1 x 1) int32, on the host
 ///   aux_loss_grad(ctx, counts, k/g, coef, extra)   extra_e = switch_aux_dscore(...)
 ///   check_units(ctx, units, r, bad)          bad (1 x 1) = number of units outside [0, r)

@@ -351,14 +351,6 @@ struct Kernels<CudaBackend, T> {
     RANKWISE_CUDA_LAUNCH_CHECK();
   }
 
-  static void column_sums(Ctx& ctx, MatrixView<const Acc> m, MatrixView<const std::uint8_t> mask,
-                          MatrixView<Acc> out) {
-    if (out.empty()) return;
-    detail::cuda::column_sums_kernel<<<blocks(out.cols), kBlock, 0, ctx.stream()>>>(
-        m.rows, m.cols, m.data, m.ld, mask.empty() ? nullptr : mask.data, out.data);
-    RANKWISE_CUDA_LAUNCH_CHECK();
-  }
-
   static void sum_squares(Ctx& ctx, MatrixView<const T> m, MatrixView<Acc> out) {
     if (m.empty()) return;
     detail::cuda::sum_squares_kernel<T>

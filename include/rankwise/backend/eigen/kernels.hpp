@@ -312,15 +312,6 @@ struct Kernels<CpuBackend, T> {
     detail::eigen_map(m).array() *= detail::eigen_map(factors).array();
   }
 
-  static void column_sums(Ctx&, MatrixView<const Acc> m, MatrixView<const std::uint8_t> mask,
-                          MatrixView<Acc> out) {
-    std::fill(out.data, out.data + out.cols, Acc(0));
-    for (std::int64_t n = 0; n < m.rows; ++n) {
-      if (!mask.empty() && mask.data[n] == 0) continue;
-      for (std::int64_t e = 0; e < m.cols; ++e) out.data[e] += m.data[n * m.ld + e];
-    }
-  }
-
   static std::int32_t read_int(Ctx&, MatrixView<const std::int32_t> v) { return v.data[0]; }
 
   // ---- optimiser primitives ----

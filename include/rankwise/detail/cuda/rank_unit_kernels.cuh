@@ -239,17 +239,6 @@ __global__ void scale_by_kernel(std::int64_t rows, std::int64_t cols, const floa
   v = Element<T>::from_float(Element<T>::to_float(v) * factors[r * f_ld + c]);
 }
 
-static __global__ void column_sums_kernel(std::int64_t rows, std::int64_t cols, const float* m,
-                                          std::int64_t ld, const std::uint8_t* mask, float* out) {
-  const std::int64_t c = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x;
-  if (c >= cols) return;
-  float acc = 0.0f;
-  for (std::int64_t r = 0; r < rows; ++r) {
-    if (mask == nullptr || mask[r] != 0) acc += m[r * ld + c];
-  }
-  out[c] = acc;
-}
-
 // One block, a fixed stride per thread and a fixed reduction tree: the same
 // bits on every run (atomics would not be).
 template <class T>
