@@ -46,6 +46,7 @@
 #include <vector>
 
 #include "support/cpu_matrix.hpp"
+#include "support/mos_model.hpp"
 #include "support/mos_report.hpp"
 #include "support/mos_sizes.hpp"
 #include "support/report.hpp"
@@ -63,7 +64,6 @@ using rankwise::ShardPath;
 using rm::Mode;
 using T = float;
 using Mat = rb::RowMajorMatrix<T>;
-using Lora = rankwise::Lora<T, CpuBackend>;
 using Mos = rankwise::Mos<T, CpuBackend>;
 using Pool = rankwise::ShardPool<T, CpuBackend>;
 using Kern = rankwise::Kernels<CpuBackend, T>;
@@ -160,33 +160,11 @@ class ProtoAssembled {
 
 // ---- the stacks ---------------------------------------------------------------
 
-// One projection type of the model at width d: the dense LoRA stack, the MoS
-// pool, and the Mos stacks (one per path, all on the same pool and the same
-// index lists; only the stack being timed touches its per-layer buffers).
-struct Model {
-  explicit Model(std::int64_t d_) : d(d_), pool(ctx, rm::pool_config(d_)) {
-    pool.init(1);
-    Kern::fill_uniform(ctx, pool.b(), -0.01, 0.01, 2);  // nonzero B: real arithmetic
-    for (std::int64_t i = 0; i < rm::kLayers; ++i) {
-      lora.push_back(std::make_unique<Lora>(ctx, rm::lora_config(d)));
-      lora.back()->init_peft(100 + i);
-      Kern::fill_uniform(ctx, lora.back()->bt(), -0.01, 0.01, 200 + i);
-    }
-    warm_up(lora);
-  }
+// The model of support/mos_model.hpp plus the CPU-only prototype, on the same
+// pool and the same index lists.
+struct Model : rm::Model<T, CpuBackend> {
+  using rm::Model<T, CpuBackend>::Model;
 
-  std::vector<std::unique_ptr<Mos>>& mos(ShardPath path) {
-    auto& layers = mos_[path];
-    if (layers.empty()) {
-      for (std::int64_t i = 0; i < rm::kLayers; ++i) {
-        layers.push_back(std::make_unique<Mos>(pool, i, rm::mos_config(), path));
-      }
-      warm_up(layers);
-    }
-    return layers;
-  }
-
-  // The prototype, on the same pool and the same index lists.
   std::vector<std::unique_ptr<proto::ProtoAssembled>>& proto_layers() {
     auto& layers = proto_;
     if (layers.empty()) {
@@ -200,28 +178,7 @@ struct Model {
     return layers;
   }
 
-  // One N = 1 and one N = 64 step: allocates every per-layer buffer (assembled
-  // factors, their gradients, workspaces) outside the timed loops.
-  template <class Layers>
-  void warm_up(Layers& layers) {
-    for (std::int64_t n : {1, 64}) {
-      Mat x = Mat::Zero(n, d), y = Mat::Zero(n, d), dx = Mat::Zero(n, d);
-      for (auto& l : layers) {
-        l->forward(host_view<const T>(x.data(), n, d), host_view(y.data(), n, d));
-        l->backward(host_view<const T>(x.data(), n, d), host_view<const T>(y.data(), n, d),
-                    host_view(dx.data(), n, d));
-      }
-    }
-    pool.zero_grad();
-  }
-
-  std::int64_t d;
-  CpuContext ctx;
-  Pool pool;
-  std::vector<std::unique_ptr<Lora>> lora;
-
  private:
-  std::map<ShardPath, std::vector<std::unique_ptr<Mos>>> mos_;
   std::vector<std::unique_ptr<proto::ProtoAssembled>> proto_;
 };
 

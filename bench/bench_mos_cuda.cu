@@ -25,6 +25,7 @@
 #include <string>
 #include <vector>
 
+#include "support/mos_model.hpp"
 #include "support/mos_report.hpp"
 #include "support/mos_sizes.hpp"
 #include "support/report.hpp"
@@ -73,60 +74,7 @@ Events& events() {
 // One projection type at width d for storage type T: the dense LoRA stack,
 // the pool and the Mos stacks (one per path, same pool, same index lists).
 template <class T>
-struct Model {
-  using Kern = rankwise::Kernels<CudaBackend, T>;
-  using Lora = rankwise::Lora<T, CudaBackend>;
-  using Mos = rankwise::Mos<T, CudaBackend>;
-
-  explicit Model(std::int64_t d_) : d(d_), pool(ctx, rm::pool_config(d_)) {
-    pool.init(1);
-    Kern::fill_uniform(ctx, pool.b(), -0.01, 0.01, 2);  // nonzero B: real arithmetic
-    for (std::int64_t i = 0; i < rm::kLayers; ++i) {
-      lora.push_back(std::make_unique<Lora>(ctx, rm::lora_config(d)));
-      lora.back()->init_peft(100 + i);
-      Kern::fill_uniform(ctx, lora.back()->bt(), -0.01, 0.01, 200 + i);
-    }
-    warm_up(lora);
-  }
-
-  std::vector<std::unique_ptr<Mos>>& mos(ShardPath path) {
-    auto& layers = mos_[path];
-    if (layers.empty()) {
-      for (std::int64_t i = 0; i < rm::kLayers; ++i) {
-        layers.push_back(std::make_unique<Mos>(pool, i, rm::mos_config(), path));
-      }
-      warm_up(layers);
-    }
-    return layers;
-  }
-
-  // N = 1 and N = 64 passes: per-layer buffers (cudaMalloc synchronises)
-  // and the lazily loaded kernels, outside the timed loops.
-  template <class Layers>
-  void warm_up(Layers& layers) {
-    for (std::int64_t n : {1, 64}) {
-      rankwise::Buffer<CudaBackend, T> x(n * d), y(n * d), dx(n * d);
-      Kern::fill(ctx, x.view(n, d), 0.0);
-      Kern::fill(ctx, y.view(n, d), 0.0);
-      Kern::fill(ctx, dx.view(n, d), 0.0);
-      for (auto& l : layers) {
-        l->forward(x.view(n, d), y.view(n, d));
-        l->backward(x.view(n, d), y.view(n, d), dx.view(n, d));
-      }
-      ctx.synchronize();
-    }
-    pool.zero_grad();
-    ctx.synchronize();
-  }
-
-  std::int64_t d;
-  CudaContext ctx;
-  rankwise::ShardPool<T, CudaBackend> pool;
-  std::vector<std::unique_ptr<Lora>> lora;
-
- private:
-  std::map<ShardPath, std::vector<std::unique_ptr<Mos>>> mos_;
-};
+using Model = rm::Model<T, CudaBackend>;
 
 template <class T>
 Model<T>& model(std::int64_t d) {
