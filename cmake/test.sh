@@ -1,5 +1,15 @@
 #!/usr/bin/env bash
-# Builds everything (CUDA targets too when nvcc is found) and runs every test.
+# Installs what is missing, then builds and tests three trees: the main one
+# (CUDA targets too when a toolkit is usable), a CPU-only one
+# (-DRANKWISE_CUDA=OFF, so that configuration cannot rot) and an ASan + UBSan
+# one of the CPU tests (cmake/sanitize.sh). Stops at the first failure.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-bash cmake/install-deps.sh && cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release && cmake --build build -j2 && ctest --test-dir build --output-on-failure
+bash cmake/install-deps.sh
+cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release
+cmake --build build -j2
+ctest --test-dir build --output-on-failure
+cmake -S . -B build-cpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DRANKWISE_CUDA=OFF
+cmake --build build-cpu -j2
+ctest --test-dir build-cpu --output-on-failure
+bash cmake/sanitize.sh

@@ -11,3 +11,12 @@ target_compile_definitions(test_io PRIVATE
   RANKWISE_TEST_DATA_DIR="${CMAKE_CURRENT_LIST_DIR}/data")
 add_test(NAME test_io COMMAND test_io --warn NoAssertions)
 set_tests_properties(test_io PROPERTIES LABELS cpu TIMEOUT 300)
+
+# Hostile inputs to the readers and matcher (issue 13) and the NaN adapter (issue 14).
+add_executable(test_io_hardening ${CMAKE_CURRENT_LIST_DIR}/test_io_hardening.cpp)
+target_link_libraries(test_io_hardening PRIVATE
+  rankwise_catch_main rankwise::rankwise nlohmann_json::nlohmann_json Catch2::Catch2 rankwise_warnings)
+target_compile_definitions(test_io_hardening PRIVATE
+  RANKWISE_TEST_DATA_DIR="${CMAKE_CURRENT_LIST_DIR}/data")
+add_test(NAME test_io_hardening COMMAND test_io_hardening --warn NoAssertions)
+set_tests_properties(test_io_hardening PROPERTIES LABELS cpu TIMEOUT 600)

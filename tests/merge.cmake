@@ -17,7 +17,7 @@ if(RANKWISE_BUILD_EXAMPLES)
   set(_merge_out ${CMAKE_CURRENT_BINARY_DIR}/merged-gpt2)
   add_test(NAME rankwise_merge.svd
     COMMAND $<TARGET_FILE:rankwise_merge> --method svd --rank 8 --report ${_merge_out}.json
-            --overwrite -o ${_merge_out} ${CMAKE_CURRENT_LIST_DIR}/data/gpt2-lora-r8
+            --overwrite --allow-duplicates -o ${_merge_out} ${CMAKE_CURRENT_LIST_DIR}/data/gpt2-lora-r8
             ${CMAKE_CURRENT_LIST_DIR}/data/gpt2-lora-r8)
   set_tests_properties(rankwise_merge.svd PROPERTIES
     FIXTURES_SETUP merged_gpt2 PASS_REGULAR_EXPRESSION "wrote .*: 36 modules, mean relative error")
@@ -31,6 +31,54 @@ if(RANKWISE_BUILD_EXAMPLES)
             ${CMAKE_CURRENT_LIST_DIR}/data/gpt2-lora-r8)
   set_tests_properties(rankwise_merge.bad_method PROPERTIES
     PASS_REGULAR_EXPRESSION "unknown merge method 'average'")
+
+  # Hardening (issue 13, item 14; issue 14, item 7): each refusal exits with a
+  # message and the status the help text documents, and leaves nothing behind.
+  set(_data ${CMAKE_CURRENT_LIST_DIR}/data)
+  set(_gpt2 ${_data}/gpt2-lora-r8)
+  set(_cli_out ${CMAKE_CURRENT_BINARY_DIR}/cli-hardening-out)
+  set(_cli_report ${CMAKE_CURRENT_BINARY_DIR}/cli-hardening-report.json)
+  function(rankwise_merge_cli_test name rc regex)
+    add_test(NAME rankwise_merge.${name}
+      COMMAND ${CMAKE_COMMAND} -DEXPECT_RC=${rc} "-DEXPECT_OUTPUT=${regex}"
+              "-DABSENT=${_cli_out}-${name}$<SEMICOLON>${_cli_report}"
+              -P ${CMAKE_CURRENT_FUNCTION_LIST_DIR}/merge_cli_check.cmake --
+              $<TARGET_FILE:rankwise_merge> -o ${_cli_out}-${name} ${ARGN})
+    set_tests_properties(rankwise_merge.${name} PROPERTIES LABELS cpu TIMEOUT 300)
+  endfunction()
+  rankwise_merge_cli_test(rank_overflow 2 "--rank must be between 1 and 1000000, got '99999999999999999999'"
+    --method svd --rank 99999999999999999999 ${_gpt2})
+  rankwise_merge_cli_test(rank_zero 2 "--rank must be between 1 and 1000000, got '0'"
+    --method lego --rank 0 ${_gpt2})
+  rankwise_merge_cli_test(rank_not_integer 2 "--rank expects an integer, got '8x'"
+    --method svd --rank 8x ${_gpt2})
+  rankwise_merge_cli_test(threads_overflow 2 "--threads must be between 1 and 1024, got '4294967296'"
+    --method svd --rank 8 --threads 4294967296 ${_gpt2})
+  rankwise_merge_cli_test(density_text 2 "--density expects a number, got 'abc'"
+    --method ties --rank 8 --density abc ${_gpt2})
+  rankwise_merge_cli_test(density_range 2 "--density must be in \\(0, 1\\], got '1.5'"
+    --method ties --rank 8 --density 1.5 ${_gpt2})
+  rankwise_merge_cli_test(seed_negative 2 "--seed expects a non-negative integer, got '-1'"
+    --method lego --rank 4 --seed -1 ${_gpt2})
+  rankwise_merge_cli_test(weights_count 2 "--weights has 3 values for 1 adapters"
+    --method svd --rank 8 --weights 1,2,3 ${_gpt2})
+  rankwise_merge_cli_test(duplicate_inputs 2 "are the same directory.*--allow-duplicates"
+    --method svd --rank 8 ${_gpt2} ${_gpt2})
+  rankwise_merge_cli_test(duplicate_spelled_differently 2 "adapters 0 .* and 1 .* are the same directory"
+    --method svd --rank 8 ${_gpt2} ${_data}/./gpt2-lora-r8/)
+  rankwise_merge_cli_test(huge_rank 1 "rank k = 1000000 exceeds"
+    --method ties --rank 1000000 ${_gpt2})
+  rankwise_merge_cli_test(report_unwritable 1 "cannot write report"
+    --method svd --rank 8 --report ${CMAKE_CURRENT_BINARY_DIR}/no-such-dir/report.json ${_gpt2})
+  rankwise_merge_cli_test(nan_adapter 1
+    "adapter 0 \\(\"[^\"]*gemma-2b-lora-nan\"\\): tensor \"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight\" holds 32768 non-finite values"
+    --method svd --rank 8 ${_data}/gemma-2b-lora-nan)
+  # The success path: report and adapter both appear (--overwrite: reruns find them there).
+  add_test(NAME rankwise_merge.report_and_adapter
+    COMMAND $<TARGET_FILE:rankwise_merge> --method svd --rank 4 --allow-duplicates --overwrite
+            --report ${_cli_report} -o ${_cli_out}-ok ${_gpt2} ${_gpt2})
+  set_tests_properties(rankwise_merge.report_and_adapter PROPERTIES
+    LABELS cpu TIMEOUT 300 PASS_REGULAR_EXPRESSION "wrote .*: 36 modules")
 endif()
 
 if(RANKWISE_HAS_CUDA)

@@ -7,9 +7,11 @@
 #include <vector>
 
 #include "cases/smora_cases.hpp"
+#include "cases/smora_option_cases.hpp"
 #include "support/harness_cpu.hpp"
 
 RWTEST_SMORA_TEST_CASES(rwtest::CpuHarness, "[cpu]", float, double)
+RWTEST_SMORA_OPTION_CASES(rwtest::CpuHarness, "[cpu]", float, double)
 
 namespace {
 
@@ -170,5 +172,70 @@ TEST_CASE("router: Switch aux loss gradient matches finite differences (double)"
       RWTEST_SMORA_CLOSE(rwtest::to_host<H, T>(ctx, dwr), fd_wr, SmoraTolerance<T>::kFiniteDifference);
       RWTEST_SMORA_CLOSE(rwtest::to_host<H, T>(ctx, dx), fd_x, SmoraTolerance<T>::kFiniteDifference);
     }
+  }
+}
+
+TEST_CASE("smora: per-rank, trained and negative biases match central finite differences (double)",
+          "[smora][cpu][fd][options]") {
+  // The options' gradients, the bias's included, against central differences
+  // of the layer's own forward. The last case pushes every bias below -1, so
+  // every selected sum is negative (the sign-keeping normaliser).
+  H::Ctx ctx;
+  struct Case {
+    SmoraShape shape;
+    bool per_rank;
+    double bias_shift;
+  };
+  const Case cases[] = {
+      {{6, 7, 5, 8, 4, 2}, true, 0.0},
+      {{4, 5, 6, 12, 6, 3}, true, 0.0},
+      {{5, 6, 4, 8, 3, 1}, false, -1.5},
+      {{5, 6, 4, 8, 4, 2}, true, -1.5},
+  };
+  std::uint64_t seed = 8700;
+  for (const Case& c : cases) {
+    ++seed;
+    INFO("shape " << c.shape << ", bias_per_rank " << c.per_rank << ", bias shift "
+                  << c.bias_shift << ", seed " << seed);
+    rankwise::SmoraConfig cfg = rwtest::smora_cases::smora_config(c.shape);
+    cfg.router.bias_per_rank = c.per_rank;
+    cfg.train_bias = true;
+    SmoraProblem p = rwtest::smora_cases::make_problem<H, T>(c.shape, cfg.router, seed, false, 0.2);
+    for (double& b : p.bias) b += c.bias_shift;
+    p.x = rwtest::smora_cases::well_separated_x<H, T>(cfg.router, c.shape.n, c.shape.d_in, p.wr,
+                                                       p.bias, SmoraTolerance<T>::kMargin, seed);
+    const HostMatrix w = rwtest::random_matrix(c.shape.n, c.shape.d_out, seed + 1);
+    Layer layer(ctx, cfg);
+    SmoraProblem q = p;
+    q.dy = w;
+    q.dx0 = HostMatrix(c.shape.n, c.shape.d_in);
+    rwtest::smora_cases::load<H, T>(ctx, layer, q);
+    const rwtest::DeviceMask<H> no_mask(ctx, q.mask);
+    const auto got = rwtest::smora_cases::run_layer<H, T>(ctx, layer, q, no_mask);
+    const HostMatrix dbias = rwtest::to_host<H, T>(ctx, rankwise::MatrixView<const T>(layer.grad_bias()));
+    const std::vector<std::int32_t> units0 = got.routing.units;
+
+    int reroutes = 0;
+    auto with = [&](auto set) {
+      return [&, set](const HostMatrix& m, bool* same) {
+        SmoraProblem r = p;
+        set(r, m);
+        std::vector<std::int32_t> units;
+        const double l = loss(ctx, layer, r, w, &units);
+        *same = units == units0;
+        return l;
+      };
+    };
+    const HostMatrix fd_a = central(p.a, with([](SmoraProblem& r, const HostMatrix& m) { r.a = m; }), &reroutes);
+    const HostMatrix fd_wr = central(p.wr, with([](SmoraProblem& r, const HostMatrix& m) { r.wr = m; }), &reroutes);
+    const HostMatrix fd_x = central(p.x, with([](SmoraProblem& r, const HostMatrix& m) { r.x = m; }), &reroutes);
+    const HostMatrix fd_bias = central(
+        rwtest::row_of(p.bias),
+        with([](SmoraProblem& r, const HostMatrix& m) { r.bias = m.v; }), &reroutes);
+    REQUIRE(reroutes == 0);
+    RWTEST_SMORA_CLOSE(got.da, fd_a, SmoraTolerance<T>::kFiniteDifference);
+    RWTEST_SMORA_CLOSE(got.dwr, fd_wr, SmoraTolerance<T>::kFiniteDifference);
+    RWTEST_SMORA_CLOSE(got.dx, fd_x, SmoraTolerance<T>::kFiniteDifference);
+    RWTEST_SMORA_CLOSE(dbias, fd_bias, SmoraTolerance<T>::kFiniteDifference);
   }
 }

@@ -138,7 +138,7 @@ struct SmoraProblem {
   HostMatrix a;               // (r, d_in)
   HostMatrix b;               // (d_out, r)
   HostMatrix wr;              // (E, d_in)
-  std::vector<double> bias;   // (E)
+  std::vector<double> bias;   // (C: E, or r with a per-rank bias)
   HostMask mask;              // (n) or empty
   HostMatrix y0;              // (n, d_out)
   HostMatrix dy;              // (n, d_out)
@@ -210,12 +210,12 @@ SmoraProblem make_problem(const SmoraShape& s, const RouterConfig& cfg, std::uin
   using Acc = AccOf<T>;
   const double ra = 1.0 / std::sqrt(static_cast<double>(s.d_in));
   const double rb = 1.0 / std::sqrt(static_cast<double>(s.r));
-  const std::int64_t E = cfg.num_experts();
+  const std::int64_t E = cfg.num_experts(), C = cfg.num_choices();
   SmoraProblem p;
   p.a = quantize<H, T>(random_matrix(s.r, s.d_in, seed * 16 + 1, -ra, ra));
   p.b = quantize<H, T>(random_matrix(s.d_out, s.r, seed * 16 + 2, -rb, rb));
   p.wr = quantize<H, T>(random_matrix(E, s.d_in, seed * 16 + 3, -3 * ra, 3 * ra));
-  p.bias = quantize<H, Acc>(random_matrix(1, E, seed * 16 + 4, -bias_scale, bias_scale)).v;
+  p.bias = quantize<H, Acc>(random_matrix(1, C, seed * 16 + 4, -bias_scale, bias_scale)).v;
   p.x = well_separated_x<H, T>(cfg, s.n, s.d_in, p.wr, p.bias, SmoraTolerance<T>::kMargin,
                                seed * 16 + 5);
   p.y0 = quantize<H, T>(random_matrix(s.n, s.d_out, seed * 16 + 6));
@@ -255,10 +255,10 @@ struct RoutingOut {
   RawMatrix<H, std::int32_t> counts;
   RoutingOut(typename H::Ctx& ctx, std::int64_t n, const RouterConfig& cfg)
       : scores(to_device<H, Acc>(ctx, HostMatrix(n, cfg.num_experts()))),
-        experts(zeros(ctx, n, cfg.experts_per_token())),
+        experts(zeros(ctx, n, cfg.choices_per_token())),
         units(zeros(ctx, n, cfg.top_k)),
         gates(to_device<H, Acc>(ctx, HostMatrix(n, cfg.top_k))),
-        counts(zeros(ctx, 1, cfg.num_experts())) {}
+        counts(zeros(ctx, 1, cfg.num_choices())) {}
   static RawMatrix<H, std::int32_t> zeros(typename H::Ctx& ctx, std::int64_t rows,
                                           std::int64_t cols) {
     return upload_raw<H, std::int32_t>(

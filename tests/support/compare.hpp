@@ -158,6 +158,8 @@ struct StringMaker<rankwise::ErrorCode> {
         return "kCublas";
       case rankwise::ErrorCode::kIo:
         return "kIo";
+      case rankwise::ErrorCode::kOutOfMemory:
+        return "kOutOfMemory";
     }
     return "no rankwise::error thrown";
   }

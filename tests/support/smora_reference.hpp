@@ -28,17 +28,19 @@ inline bool token_counts(const HostMask& mask, std::int64_t n) {
   return mask.empty() || mask[static_cast<std::size_t>(n)] != 0;
 }
 
-/// The routing of n tokens as the method defines it.
+/// The routing of n tokens as the method defines it. Top-k picks "choices":
+/// experts of g ranks (C = E), or single ranks with a per-rank bias (C = r).
 struct RefRouting {
   std::int64_t n = 0, num_experts = 0, per_token = 0, top_k = 0, group = 1;
+  std::int64_t num_choices = 0;      // C
   HostMatrix logits;                 // (n, E)
   HostMatrix scores;                 // (n, E)   s0
-  HostMatrix z;                      // (n, E)   s0 + b
-  std::vector<std::int32_t> experts; // (n, k/g) best first, ties to the lower index
-  std::vector<std::int32_t> units;   // (n, k)   expert t's g ranks at [t g, (t + 1) g)
+  HostMatrix z;                      // (n, C)   s0 of the choice's expert + b
+  std::vector<std::int32_t> experts; // (n, k/g | k) choices, best first, ties to the lower index
+  std::vector<std::int32_t> units;   // (n, k)   choice t's ranks at [t u, (t + 1) u)
   HostMatrix gates;                  // (n, k)
-  HostMatrix expert_gate;            // (n, E)   gate of expert e's ranks, 0 when not selected
-  std::vector<std::int32_t> counts;  // (E)      assignments over unmasked tokens
+  HostMatrix expert_gate;            // (n, C)   gate of choice c's ranks, 0 when not selected
+  std::vector<std::int32_t> counts;  // (C)      assignments over unmasked tokens
   /// Per token, the smallest gap between consecutive z in the sorted order over
   /// the positions that decide the selection and its order (t = 0 .. k/g, the
   /// first unselected included). A backend computing in float reproduces the
@@ -55,6 +57,18 @@ struct RefRouting {
   }
 };
 
+/// The expert whose score choice c carries.
+inline std::int64_t ref_expert_of(const RouterConfig& cfg, std::int64_t c) {
+  return cfg.bias_per_rank ? c / cfg.group_size : c;
+}
+
+/// The gate normaliser: the selected sum with its magnitude kept at least ε
+/// and its sign kept (a negative sum must not flip the gates' signs).
+inline double ref_normaliser(double sum, double epsilon) {
+  if (sum >= 0.0) return std::max(sum, epsilon);
+  return std::min(sum, -epsilon);
+}
+
 /// s0 of one row of logits.
 inline std::vector<double> ref_scores(ScoreFunction score, const double* logits, std::int64_t e) {
   std::vector<double> s(static_cast<std::size_t>(e));
@@ -70,60 +84,63 @@ inline std::vector<double> ref_scores(ScoreFunction score, const double* logits,
   return s;
 }
 
-/// Routes n tokens from given logits (n, E). bias: E values or empty (zero).
+/// Routes n tokens from given logits (n, E). bias: C values or empty (zero).
 inline RefRouting ref_route_logits(const RouterConfig& cfg, const HostMatrix& logits,
                                    const std::vector<double>& bias, const HostMask& mask = {}) {
   RefRouting r;
-  const std::int64_t E = cfg.num_experts(), ke = cfg.experts_per_token(), g = cfg.group_size;
+  const std::int64_t E = cfg.num_experts(), C = cfg.num_choices(), kc = cfg.choices_per_token(),
+                     u = cfg.units_per_choice();
   r.n = logits.rows;
   r.num_experts = E;
-  r.per_token = ke;
+  r.num_choices = C;
+  r.per_token = kc;
   r.top_k = cfg.top_k;
-  r.group = g;
+  r.group = u;
   r.logits = logits;
   r.scores = HostMatrix(r.n, E);
-  r.z = HostMatrix(r.n, E);
-  r.experts.assign(static_cast<std::size_t>(r.n * ke), -1);
+  r.z = HostMatrix(r.n, C);
+  r.experts.assign(static_cast<std::size_t>(r.n * kc), -1);
   r.units.assign(static_cast<std::size_t>(r.n * cfg.top_k), -1);
   r.gates = HostMatrix(r.n, cfg.top_k);
-  r.expert_gate = HostMatrix(r.n, E);
-  r.counts.assign(static_cast<std::size_t>(E), 0);
+  r.expert_gate = HostMatrix(r.n, C);
+  r.counts.assign(static_cast<std::size_t>(C), 0);
   r.margin.assign(static_cast<std::size_t>(r.n), std::numeric_limits<double>::infinity());
   const double numerator =
       cfg.normalization == GateNormalization::kSumToK ? static_cast<double>(cfg.top_k) : 1.0;
   for (std::int64_t n = 0; n < r.n; ++n) {
     const std::vector<double> s = ref_scores(cfg.score, &logits.v[n * E], E);
-    std::vector<std::int32_t> order(static_cast<std::size_t>(E));
+    std::vector<std::int32_t> order(static_cast<std::size_t>(C));
     std::iota(order.begin(), order.end(), 0);
-    for (std::int64_t e = 0; e < E; ++e) {
-      r.scores(n, e) = s[e];
-      r.z(n, e) = s[e] + (bias.empty() ? 0.0 : bias[e]);
+    for (std::int64_t e = 0; e < E; ++e) r.scores(n, e) = s[e];
+    for (std::int64_t c = 0; c < C; ++c) {
+      r.z(n, c) = s[ref_expert_of(cfg, c)] + (bias.empty() ? 0.0 : bias[c]);
     }
     // A stable sort by z descending keeps equal z in index order: ties go low.
     std::stable_sort(order.begin(), order.end(),
                      [&](std::int32_t p, std::int32_t q) { return r.z(n, p) > r.z(n, q); });
-    for (std::int64_t t = 0; t < ke && t + 1 < E; ++t) {
+    for (std::int64_t t = 0; t < kc && t + 1 < C; ++t) {
       r.margin[n] = std::min(r.margin[n], r.z(n, order[t]) - r.z(n, order[t + 1]));
     }
     double sum_v = 0.0;
-    std::vector<double> v(static_cast<std::size_t>(ke));
-    for (std::int64_t t = 0; t < ke; ++t) {
-      const std::int32_t e = order[t];
-      r.experts[n * ke + t] = e;
-      v[t] = cfg.gate_uses_bias ? r.z(n, e) : r.scores(n, e);
+    std::vector<double> v(static_cast<std::size_t>(kc));
+    for (std::int64_t t = 0; t < kc; ++t) {
+      const std::int32_t c = order[t];
+      r.experts[n * kc + t] = c;
+      v[t] = cfg.gate_uses_bias ? r.z(n, c) : r.scores(n, ref_expert_of(cfg, c));
       sum_v += v[t];
     }
-    const double denom = std::max(static_cast<double>(g) * sum_v, static_cast<double>(cfg.epsilon));
-    for (std::int64_t t = 0; t < ke; ++t) {
-      const std::int32_t e = order[t];
+    const double denom =
+        ref_normaliser(static_cast<double>(u) * sum_v, static_cast<double>(cfg.epsilon));
+    for (std::int64_t t = 0; t < kc; ++t) {
+      const std::int32_t c = order[t];
       const double gate =
           cfg.normalization == GateNormalization::kNone ? v[t] : numerator * v[t] / denom;
-      r.expert_gate(n, e) = gate;
-      for (std::int64_t q = 0; q < g; ++q) {
-        r.units[n * cfg.top_k + t * g + q] = static_cast<std::int32_t>(e * g + q);
-        r.gates(n, t * g + q) = gate;
+      r.expert_gate(n, c) = gate;
+      for (std::int64_t q = 0; q < u; ++q) {
+        r.units[n * cfg.top_k + t * u + q] = static_cast<std::int32_t>(c * u + q);
+        r.gates(n, t * u + q) = gate;
       }
-      if (token_counts(mask, n)) ++r.counts[e];
+      if (token_counts(mask, n)) ++r.counts[c];
     }
   }
   return r;
@@ -240,38 +257,44 @@ inline double ref_aux_loss(const RouterConfig& cfg, const RefRouting& counts_fro
 /// its rounding error is proportional to.
 inline HostMatrix ref_router_backward(const RouterConfig& cfg, const RefRouting& r,
                                       const HostMatrix& dgates, const HostMatrix& extra_dscores,
-                                      bool magnitude = false) {
+                                      bool magnitude = false, HostMatrix* dbias = nullptr) {
   auto term = [magnitude](double v) { return magnitude ? std::abs(v) : v; };
-  const std::int64_t E = cfg.num_experts(), ke = cfg.experts_per_token(), g = cfg.group_size;
+  const std::int64_t E = cfg.num_experts(), C = cfg.num_choices(), kc = cfg.choices_per_token(),
+                     u = cfg.units_per_choice();
   const double c =
       cfg.normalization == GateNormalization::kSumToK ? static_cast<double>(cfg.top_k) : 1.0;
   HostMatrix dlogits(r.n, E);
+  if (dbias != nullptr) *dbias = HostMatrix(1, C);
   for (std::int64_t n = 0; n < r.n; ++n) {
     std::vector<double> ds(static_cast<std::size_t>(E), 0.0);
     if (extra_dscores.size() > 0)
       for (std::int64_t e = 0; e < E; ++e) ds[e] = term(extra_dscores(n, e));
-    std::vector<double> v(static_cast<std::size_t>(ke)), d(static_cast<std::size_t>(ke), 0.0);
+    std::vector<double> v(static_cast<std::size_t>(kc)), d(static_cast<std::size_t>(kc), 0.0);
     double sum_v = 0.0;
-    for (std::int64_t t = 0; t < ke; ++t) {
-      const std::int32_t e = r.expert(n, t);
-      v[t] = cfg.gate_uses_bias ? r.z(n, e) : r.scores(n, e);
+    for (std::int64_t t = 0; t < kc; ++t) {
+      const std::int32_t ch = r.expert(n, t);
+      v[t] = cfg.gate_uses_bias ? r.z(n, ch) : r.scores(n, ref_expert_of(cfg, ch));
       sum_v += v[t];
-      for (std::int64_t q = 0; q < g; ++q) d[t] += term(dgates(n, t * g + q));
+      for (std::int64_t q = 0; q < u; ++q) d[t] += term(dgates(n, t * u + q));
     }
-    const double S = static_cast<double>(g) * sum_v;
-    const bool clamped = !(S > static_cast<double>(cfg.epsilon));
-    for (std::int64_t u = 0; u < ke; ++u) {  // ∂L/∂v_u = Σ_t D_t ∂gate_t/∂v_u
+    const double S = static_cast<double>(u) * sum_v;
+    const double eps = static_cast<double>(cfg.epsilon);
+    const double S_used = ref_normaliser(S, eps);
+    const bool clamped = S_used != S || std::abs(S) <= eps;
+    for (std::int64_t w = 0; w < kc; ++w) {  // ∂L/∂v_w = Σ_t D_t ∂gate_t/∂v_w
       double dv = 0.0;
-      for (std::int64_t t = 0; t < ke; ++t) {
-        const double diag = t == u ? 1.0 : 0.0;
+      for (std::int64_t t = 0; t < kc; ++t) {
+        const double diag = t == w ? 1.0 : 0.0;
         double jac;
         if (cfg.normalization == GateNormalization::kNone) jac = diag;
-        else if (clamped) jac = diag * c / static_cast<double>(cfg.epsilon);
-        else if (magnitude) jac = c * (diag / std::abs(S) + std::abs(v[t]) * g / (S * S));
-        else jac = c * (diag / S - v[t] * static_cast<double>(g) / (S * S));
+        else if (clamped) jac = diag * c / S_used;
+        else if (magnitude) jac = c * (diag / std::abs(S) + std::abs(v[t]) * u / (S * S));
+        else jac = c * (diag / S - v[t] * static_cast<double>(u) / (S * S));
         dv += term(d[t] * jac);
       }
-      ds[r.expert(n, u)] += dv;  // v = s0 (+ b): ∂v/∂s0 = 1
+      ds[ref_expert_of(cfg, r.expert(n, w))] += dv;  // v = s0 (+ b): ∂v/∂s0 = 1
+      // ∂v/∂b = 1 when the gate uses the bias; the selection has no gradient.
+      if (dbias != nullptr && cfg.gate_uses_bias) (*dbias)(0, r.expert(n, w)) += dv;
     }
     const std::vector<double> s(&r.scores.v[n * E], &r.scores.v[n * E] + E);
     for (std::int64_t j = 0; j < E; ++j) {  // Σ_i ds_i ∂s_i/∂l_j
@@ -329,6 +352,7 @@ inline RankUnitExpected expect_rank_units(double s, const HostMatrix& x, const H
 /// given ∂L/∂gates and their magnitudes and the aux term's ∂L/∂s0.
 struct RouterExpected {
   SmoraExpected dlogits, dwr, dx;
+  SmoraExpected dbias;  // (1, C): ∂L/∂bias summed over tokens (a trained bias)
 };
 
 inline RouterExpected expect_router_backward(const RouterConfig& cfg, const RefRouting& r,
@@ -337,8 +361,8 @@ inline RouterExpected expect_router_backward(const RouterConfig& cfg, const RefR
                                              const HostMatrix& extra_dscores,
                                              const HostMatrix& dx0) {
   RouterExpected e;
-  e.dlogits = {ref_router_backward(cfg, r, dgates.ref, extra_dscores),
-               ref_router_backward(cfg, r, dgates.mag, extra_dscores, true)};
+  e.dlogits = {ref_router_backward(cfg, r, dgates.ref, extra_dscores, false, &e.dbias.ref),
+               ref_router_backward(cfg, r, dgates.mag, extra_dscores, true, &e.dbias.mag)};
   const HostMatrix zero_wr(wr.rows, wr.cols), zero_x(x.rows, x.cols);
   e.dwr = {ref_gemm(1.0, e.dlogits.ref, Op::kTrans, x, Op::kNoTrans, 0.0, zero_wr),
            ref_gemm(1.0, e.dlogits.mag, Op::kTrans, abs_of(x), Op::kNoTrans, 0.0, zero_wr)};
@@ -356,6 +380,7 @@ struct SmoraReference {
   SmoraExpected db;      // (d_out, r)
   SmoraExpected dwr;     // (E, d_in)
   SmoraExpected dx;      // (n, d_in) = dx0 + through A + through the router
+  SmoraExpected dbias;   // (1, C) for a trained bias
 };
 
 /// SMoRA on x (n, d_in) with A (r, d_in), B (d_out, r), W_r (E, d_in) and the
@@ -377,6 +402,7 @@ inline SmoraReference ref_smora(const RouterConfig& cfg, double alpha, double au
   out.da = u.da;
   out.db = u.db;
   out.dwr = rt.dwr;
+  out.dbias = rt.dbias;
   out.dx = {add(u.dx.ref, rt.dx.ref), add(u.dx.mag, rt.dx.mag)};
   return out;
 }

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "rankwise/backend/tags.hpp"
 #include "rankwise/core/matrix_view.hpp"
@@ -42,13 +43,22 @@ struct dependent_false {
 /// of indices. Routing rules come from rankwise/core/routing.hpp, per token.
 ///
 ///   gemm_acc(ctx, alpha, a, op_a, b, op_b, beta, c)   as gemm, c in Acc
+///   gemm_mixed(ctx, alpha, a, op_a, b, op_b, beta, c, scratch)
+///       as gemm with a in Acc (b and c in T): intermediates kept in Acc (router
+///       dlogits, the dense path's H and dH) reach the next product unrounded.
+///       scratch (Acc, at least gemm_mixed_scratch<T>(c.rows, inner) elements,
+///       256-byte aligned) may be used; where T is Acc it is the plain gemm
 ///   route(ctx, rule, logits, bias, scores, experts, units, gates, bad)
 ///       route_token for every row of logits (n x E, Acc); bias (1 x E) or
 ///       empty; bad (1 x 1, int32) receives the number of tokens whose logits
 ///       were not finite (the layer reads it when it checks)
-///   route_backward(ctx, rule, scores, bias, experts, dgates, extra, mask, scratch, dlogits)
+///   route_backward(ctx, rule, scores, bias, experts, dgates, extra, mask, scratch, dlogits,
+///                  dbias = {})
 ///       route_token_backward per token; extra (1 x E) or empty, added only
-///       for unmasked tokens; scratch (n x E, Acc) may be used; dlogits in T
+///       for unmasked tokens; scratch (n x E, Acc) may be used; dlogits in T;
+///       dbias (n x C, Acc) or empty receives each token's ∂L/∂bias
+///   sum_rows(ctx, m, beta, out)              out (1 x C) = Σ_rows m (+ beta · out),
+///                                            rows in order: the same bits on every run
 ///   count_experts(ctx, experts, mask, counts)
 ///       counts (1 x E, int32) = assignments per expert over tokens whose mask
 ///       (1 x n, uint8) is nonzero; an empty mask counts every token
@@ -64,6 +74,7 @@ struct dependent_false {
 ///   densify(ctx, units, values, dense)       dense (n x r, Acc) = 0, then
 ///                                            dense[n][units[n][j]] += values[n][j]
 ///   gather_cols(ctx, dense, units, out)      out[n][j] = dense[n][units[n][j]], dense in T
+///                                            (Kernels<Backend, Acc> for dense in Acc)
 ///   scale_by(ctx, factors, m)                m ⊙= factors (m in T, factors in Acc)
 ///   read_int(ctx, v)                         the value of a (1 x 1) int32, on the host
 ///   aux_loss_grad(ctx, counts, k/g, coef, extra)   extra_e = switch_aux_dscore(...)
@@ -81,6 +92,24 @@ struct dependent_false {
 ///
 /// Empty operands are legal and do nothing (except gemm with an empty inner
 /// dimension, which scales c by beta).
+///
+/// Index safety: an op that reads or writes through unit or expert indices
+/// never touches memory outside its views. The CPU backend's callers scan the
+/// indices first (rankwise/core/unit_index.hpp); CUDA kernels skip an invalid
+/// index and count it in the context, which throws at its next
+/// synchronisation (Context<CudaBackend>::check_device_errors).
+
+/// Columns of c per gemm_mixed panel where T is narrower than Acc.
+inline constexpr std::int64_t kGemmMixedPanel = 512;
+
+/// Acc elements of scratch gemm_mixed needs for a c of `rows` rows over an
+/// inner dimension `inner`: none where T is Acc (every CPU type, float on the
+/// GPU); else a panel of op(b) (inner x 512) and one of c (rows x 512), widened
+/// to Acc. The same on every backend, so layers size their workspace from T.
+template <class T>
+constexpr std::int64_t gemm_mixed_scratch(std::int64_t rows, std::int64_t inner) {
+  return std::is_same<T, accumulator_t<T>>::value ? 0 : (inner + rows) * kGemmMixedPanel;
+}
 template <class Backend, class T>
 struct Kernels {
   static_assert(detail::dependent_false<Backend, T>::value,

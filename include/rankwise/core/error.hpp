@@ -14,6 +14,7 @@ enum class ErrorCode {
   kCuda,             ///< a CUDA runtime call failed
   kCublas,           ///< a cuBLAS call failed
   kIo,               ///< a file could not be read or written, or is malformed
+  kOutOfMemory,      ///< an allocation of a size that is valid failed; the message names the bytes
 };
 
 /// Thrown for every failure rankwise reports. `what()` names the argument and

@@ -35,13 +35,26 @@ struct RouterConfig {
   /// true: gates from s0 + bias (reference code); false: bias only steers
   /// selection and gates come from s0 (DeepSeek-V3).
   bool gate_uses_bias = true;
-  /// Lower bound on the normaliser Σ z before dividing.
+  /// One balance bias per rank (r of them) instead of one per expert, the
+  /// reference code's layout for g > 1: each expert's score is repeated over
+  /// its g ranks, z = s0 + b per rank, and top-k picks k ranks, so an
+  /// expert's block can be split. The same as the default for g = 1.
+  bool bias_per_rank = false;
+  /// Lower bound on the magnitude of the normaliser Σ z before dividing; its
+  /// sign is kept, so a negative Σ z (a drifted bias) never flips the gates.
   float epsilon = 1e-9f;
   /// Loss-free balancing step u: b_e += u * sign(mean(c) - c_e).
   float bias_update_rate = 1e-5f;
 
   std::int64_t num_experts() const { return num_units / group_size; }
   std::int64_t experts_per_token() const { return top_k / group_size; }
+
+  /// What top-k selects, a "choice": an expert of g ranks (default), or one
+  /// rank with bias_per_rank. The balance bias, the counts and the selected
+  /// indices of a routing are per choice.
+  std::int64_t num_choices() const { return bias_per_rank ? num_units : num_experts(); }
+  std::int64_t choices_per_token() const { return bias_per_rank ? top_k : experts_per_token(); }
+  std::int64_t units_per_choice() const { return bias_per_rank ? 1 : group_size; }
 
   /// Throws rankwise::error naming the first inconsistent field.
   void validate() const {

@@ -12,11 +12,15 @@
 namespace rankwise {
 
 /// RouterConfig reduced to what the per-token functions read (trivially
-/// copyable, passed by value to kernels).
+/// copyable, passed by value to kernels). Top-k selects "choices": experts
+/// of g units (default) or single ranks (RouterConfig::bias_per_rank).
 struct RoutingRule {
-  int num_experts;        // E
-  int group_size;         // g
-  int experts_per_token;  // k / g
+  int num_experts;         // E: scores per token
+  int group_size;          // g
+  int num_choices;         // C: E, or r with a per-rank bias
+  int choices_per_token;   // k/g, or k with a per-rank bias
+  int units_per_choice;    // g, or 1 with a per-rank bias
+  int choices_per_expert;  // 1, or g with a per-rank bias
   ScoreFunction score;
   GateNormalization normalization;
   bool gate_uses_bias;
@@ -26,13 +30,18 @@ struct RoutingRule {
     c.validate();
     return {static_cast<int>(c.num_experts()),
             static_cast<int>(c.group_size),
-            static_cast<int>(c.experts_per_token()),
+            static_cast<int>(c.num_choices()),
+            static_cast<int>(c.choices_per_token()),
+            static_cast<int>(c.units_per_choice()),
+            static_cast<int>(c.bias_per_rank ? c.group_size : 1),
             c.score,
             c.normalization,
             c.gate_uses_bias,
             c.epsilon};
   }
-  RANKWISE_HOST_DEVICE int units_per_token() const { return experts_per_token * group_size; }
+  RANKWISE_HOST_DEVICE int units_per_token() const { return choices_per_token * units_per_choice; }
+  /// The expert whose score choice c carries.
+  RANKWISE_HOST_DEVICE int expert_of(int c) const { return c / choices_per_expert; }
 };
 
 namespace detail {
@@ -66,38 +75,61 @@ RANKWISE_HOST_DEVICE inline Real gate_numerator(const RoutingRule& rule) {
              : Real(1);
 }
 
+// The normaliser S = Σ v with its magnitude clamped to at least ε and its
+// sign kept: a selected sum at or below zero (a balance bias drifted
+// negative) must not turn gates into c·v / ε with the sign flipped.
+template <class Real>
+RANKWISE_HOST_DEVICE inline Real clamped_normaliser(Real norm, float epsilon) {
+  const Real eps = static_cast<Real>(epsilon);
+  if (norm >= Real(0)) return norm > eps ? norm : eps;
+  return norm < -eps ? norm : -eps;
+}
+
+// Whether clamped_normaliser replaced norm: the normaliser is then a
+// constant, so the backward pass drops its derivative.
+template <class Real>
+RANKWISE_HOST_DEVICE inline bool normaliser_is_clamped(Real norm, float epsilon) {
+  const Real eps = static_cast<Real>(epsilon);
+  return norm >= Real(0) ? !(norm > eps) : !(norm < -eps);
+}
+
 }  // namespace detail
 
 /// Routes one token.
 ///   logits  (E)      router logits
-///   bias    (E)      balance bias, or null for none
+///   bias    (C)      balance bias per choice, or null for none
 ///   scores  (E)      out: s0, kept for the backward pass
-///   experts (k/g)    out: selected experts, best first; ties go to the lower index
-///   units   (k)      out: unit indices, expert t's g units at [t*g, (t+1)*g)
+///   choices (k/g|k)  out: selected choices (experts, or ranks with a per-rank
+///                    bias), best first; ties go to the lower index
+///   units   (k)      out: unit indices, choice t's units at [t*u, (t+1)*u)
 ///   gates   (k)      out: the gate of each unit
 /// Returns false when a logit or bias is not finite; the token then gets the
-/// first k/g experts with zero gates (it contributes nothing).
+/// first choices with zero gates (it contributes nothing).
 template <class Real>
 RANKWISE_HOST_DEVICE inline bool route_token(const RoutingRule& rule, const Real* logits,
-                                             const Real* bias, Real* scores, int* experts,
+                                             const Real* bias, Real* scores, int* choices,
                                              int* units, Real* gates) {
   const int num_experts = rule.num_experts;
+  const int num_choices = rule.num_choices;
+  const int per_choice = rule.units_per_choice;
   Real max_logit = logits[0];
   bool finite = true;
   for (int e = 0; e < num_experts; ++e) {
-    finite =
-        finite && detail::is_finite(logits[e]) && (bias == nullptr || detail::is_finite(bias[e]));
+    finite = finite && detail::is_finite(logits[e]);
     max_logit = logits[e] > max_logit ? logits[e] : max_logit;
+  }
+  for (int c = 0; bias != nullptr && c < num_choices; ++c) {
+    finite = finite && detail::is_finite(bias[c]);
   }
   if (!finite) {
     // A safe routing (valid indices, zero gates) so that nothing downstream
     // reads or writes out of bounds, whether or not the caller checks.
     for (int e = 0; e < num_experts; ++e) scores[e] = Real(0);
-    for (int t = 0; t < rule.experts_per_token; ++t) {
-      experts[t] = t;
-      for (int q = 0; q < rule.group_size; ++q) {
-        units[t * rule.group_size + q] = t * rule.group_size + q;
-        gates[t * rule.group_size + q] = Real(0);
+    for (int t = 0; t < rule.choices_per_token; ++t) {
+      choices[t] = t;
+      for (int q = 0; q < per_choice; ++q) {
+        units[t * per_choice + q] = t * per_choice + q;
+        gates[t * per_choice + q] = Real(0);
       }
     }
     return false;
@@ -114,38 +146,38 @@ RANKWISE_HOST_DEVICE inline bool route_token(const RoutingRule& rule, const Real
     }
     for (int e = 0; e < num_experts; ++e) scores[e] /= total;
   }
-  // Selection by z = s0 + b without marking: the t-th pick is the best expert
+  // Selection by z = s0 + b without marking: the t-th pick is the best choice
   // ordered strictly after pick t-1 in (z descending, index ascending).
   Real prev_z = Real(0);
-  int prev_e = -1;
+  int prev_c = -1;
   Real norm = Real(0);
-  for (int t = 0; t < rule.experts_per_token; ++t) {
+  for (int t = 0; t < rule.choices_per_token; ++t) {
     int best = -1;
     Real best_z = Real(0);
-    for (int e = 0; e < num_experts; ++e) {
-      const Real z = scores[e] + (bias != nullptr ? bias[e] : Real(0));
-      const bool after_prev = prev_e < 0 || z < prev_z || (z == prev_z && e > prev_e);
+    for (int c = 0; c < num_choices; ++c) {
+      const Real z = scores[rule.expert_of(c)] + (bias != nullptr ? bias[c] : Real(0));
+      const bool after_prev = prev_c < 0 || z < prev_z || (z == prev_z && c > prev_c);
       if (after_prev && (best < 0 || z > best_z)) {
-        best = e;
+        best = c;
         best_z = z;
       }
     }
-    experts[t] = best;
+    choices[t] = best;
     prev_z = best_z;
-    prev_e = best;
-    const Real v = rule.gate_uses_bias ? best_z : scores[best];
-    gates[t * rule.group_size] = v;  // provisional: the unnormalised value
-    norm += v * static_cast<Real>(rule.group_size);
+    prev_c = best;
+    const Real v = rule.gate_uses_bias ? best_z : scores[rule.expert_of(best)];
+    gates[t * per_choice] = v;  // provisional: the unnormalised value
+    norm += v * static_cast<Real>(per_choice);
   }
   const bool normalise = rule.normalization != GateNormalization::kNone;
-  const Real scale = normalise ? detail::gate_numerator<Real>(rule) /
-                                     (norm > Real(rule.epsilon) ? norm : Real(rule.epsilon))
-                               : Real(1);
-  for (int t = 0; t < rule.experts_per_token; ++t) {
-    const Real gate = gates[t * rule.group_size] * scale;
-    for (int q = 0; q < rule.group_size; ++q) {
-      units[t * rule.group_size + q] = experts[t] * rule.group_size + q;
-      gates[t * rule.group_size + q] = gate;
+  const Real scale =
+      normalise ? detail::gate_numerator<Real>(rule) / detail::clamped_normaliser(norm, rule.epsilon)
+                : Real(1);
+  for (int t = 0; t < rule.choices_per_token; ++t) {
+    const Real gate = gates[t * per_choice] * scale;
+    for (int q = 0; q < per_choice; ++q) {
+      units[t * per_choice + q] = choices[t] * per_choice + q;
+      gates[t * per_choice + q] = gate;
     }
   }
   return true;
@@ -155,41 +187,49 @@ RANKWISE_HOST_DEVICE inline bool route_token(const RoutingRule& rule, const Real
 /// ∂L/∂logit of all E experts (zero where the expert was not selected, except
 /// through the softmax). `extra_dscore` (E, or null) is added to ∂L/∂s0 first:
 /// the auxiliary load-balancing loss uses it. `dlogits` (E) is overwritten.
+/// `dbias` (C, or null) is overwritten with ∂L/∂bias of this token: nonzero
+/// only for selected choices, and only when the gates use the bias (the
+/// selection itself has no gradient).
 template <class Real>
 RANKWISE_HOST_DEVICE inline void route_token_backward(const RoutingRule& rule, const Real* scores,
-                                                      const Real* bias, const int* experts,
+                                                      const Real* bias, const int* choices,
                                                       const Real* dgates, const Real* extra_dscore,
-                                                      Real* dlogits) {
-  const int ke = rule.experts_per_token;
-  const int g = rule.group_size;
-  // ∂L/∂v_t for the selected experts, v = z (gate_uses_bias) or s0. With
-  // G = c v / S and S = g Σ_t v_t: ∂L/∂v_t = (c/S)(D_t − g Σ_u D_u v_u / S),
-  // D_t = Σ of ∂L/∂gate over expert t's g units. A clamped S is a constant.
+                                                      Real* dlogits, Real* dbias = nullptr) {
+  const int kc = rule.choices_per_token;
+  const int u = rule.units_per_choice;
+  // ∂L/∂v_t for the selected choices, v = z (gate_uses_bias) or s0. With
+  // G = c v / S and S = u Σ_t v_t: ∂L/∂v_t = (c/S)(D_t − u Σ_w D_w v_w / S),
+  // D_t = Σ of ∂L/∂gate over choice t's u units. A clamped S is a constant.
   Real norm = Real(0);
   Real weighted = Real(0);
-  for (int t = 0; t < ke; ++t) {
-    const int e = experts[t];
-    const Real v = scores[e] + (rule.gate_uses_bias && bias != nullptr ? bias[e] : Real(0));
+  for (int t = 0; t < kc; ++t) {
+    const int ch = choices[t];
+    const Real v = scores[rule.expert_of(ch)] +
+                   (rule.gate_uses_bias && bias != nullptr ? bias[ch] : Real(0));
     Real d = Real(0);
-    for (int q = 0; q < g; ++q) d += dgates[t * g + q];
-    norm += v * static_cast<Real>(g);
+    for (int q = 0; q < u; ++q) d += dgates[t * u + q];
+    norm += v * static_cast<Real>(u);
     weighted += d * v;
   }
   for (int e = 0; e < rule.num_experts; ++e) {
     dlogits[e] = extra_dscore != nullptr ? extra_dscore[e] : Real(0);  // ∂L/∂s0 for now
   }
+  if (dbias != nullptr) {
+    for (int ch = 0; ch < rule.num_choices; ++ch) dbias[ch] = Real(0);
+  }
   const bool normalise = rule.normalization != GateNormalization::kNone;
-  const bool clamped = norm <= Real(rule.epsilon);
-  const Real s = clamped ? Real(rule.epsilon) : norm;
+  const Real s = detail::clamped_normaliser(norm, rule.epsilon);
+  const bool clamped = detail::normaliser_is_clamped(norm, rule.epsilon);
   const Real c = detail::gate_numerator<Real>(rule);
-  for (int t = 0; t < ke; ++t) {
+  for (int t = 0; t < kc; ++t) {
     Real d = Real(0);
-    for (int q = 0; q < g; ++q) d += dgates[t * g + q];
+    for (int q = 0; q < u; ++q) d += dgates[t * u + q];
     Real dv = d;
     if (normalise) {
-      dv = clamped ? c / s * d : c / s * (d - static_cast<Real>(g) * weighted / s);
+      dv = clamped ? c / s * d : c / s * (d - static_cast<Real>(u) * weighted / s);
     }
-    dlogits[experts[t]] += dv;
+    dlogits[rule.expert_of(choices[t])] += dv;
+    if (dbias != nullptr && rule.gate_uses_bias) dbias[choices[t]] += dv;
   }
   // Through the score function, in place: ∂L/∂logit from ∂L/∂s0.
   if (rule.score == ScoreFunction::kSigmoid) {
@@ -203,8 +243,8 @@ RANKWISE_HOST_DEVICE inline void route_token_backward(const RoutingRule& rule, c
   }
 }
 
-/// Loss-free balancing step for expert e: u * sign(mean(c) − c_e), with the
-/// counts c of one batch. Integer comparison keeps it exact.
+/// Loss-free balancing step for choice e (an expert, or a rank with a per-rank
+/// bias): u * sign(mean(c) − c_e), with the counts c of one batch. Integer comparison keeps it exact.
 RANKWISE_HOST_DEVICE inline float balance_bias_step(const int* counts, int num_experts, int e,
                                                     float rate) {
   long long total = 0;

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "rankwise/core/checked_size.hpp"
 #include "rankwise/core/error.hpp"
 
 namespace rankwise {
@@ -39,6 +40,12 @@ struct ShardPoolConfig {
     RANKWISE_CHECK(d_in % shards_per_vector == 0 && d_out % shards_per_vector == 0,
                    "ShardPoolConfig: d_in = ", d_in, " and d_out = ", d_out,
                    " must both be divisible by shards_per_vector (l) = ", shards_per_vector);
+    // Every count below is a product of these: refuse sizes it cannot hold.
+    const std::int64_t shards =
+        checked_mul(checked_mul(equivalent_rank, num_layers, "ShardPoolConfig: v · L"),
+                    shards_per_vector, "ShardPoolConfig: v · L · l shards");
+    checked_mul(shards, checked_add(shard_in(), shard_out(), "ShardPoolConfig: shard widths"),
+                "ShardPoolConfig: pool elements");
   }
 
   std::int64_t num_shards() const { return equivalent_rank * num_layers * shards_per_vector; }
@@ -76,6 +83,7 @@ struct MosConfig {
     RANKWISE_CHECK(std::isfinite(alpha), "MosConfig.alpha must be finite, got ", alpha);
     RANKWISE_CHECK(rank >= pool.private_rank, "MosConfig.rank (r) = ", rank,
                    " must be at least the pool's private_rank (p) = ", pool.private_rank);
+    checked_mul(rank, pool.shards_per_vector, "MosConfig: index list length r · l");
     const std::int64_t public_needed = (rank - pool.private_rank) * pool.shards_per_vector;
     RANKWISE_CHECK(
         public_needed <= pool.public_shards(), "MosConfig: r − p = ", rank - pool.private_rank,

@@ -4,6 +4,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "rankwise/core/checked_size.hpp"
 #include "rankwise/core/error.hpp"
 #include "rankwise/core/matrix_view.hpp"
 #include "rankwise/core/numeric.hpp"
@@ -14,9 +15,21 @@ namespace rankwise {
 inline constexpr std::size_t kWorkspaceAlignment = 256;
 
 /// Bytes a rows x cols block of T takes in a workspace, padding included.
+/// Throws rankwise::error naming `what` and the shape when the size is
+/// negative or does not fit in int64.
 template <class T>
-constexpr std::size_t workspace_block_bytes(std::int64_t rows, std::int64_t cols) {
-  return align_up(static_cast<std::size_t>(rows * cols) * sizeof(T), kWorkspaceAlignment);
+std::size_t workspace_block_bytes(std::int64_t rows, std::int64_t cols,
+                                  const char* what = "workspace block") {
+  const std::size_t bytes = checked_bytes(checked_elements(rows, cols, what), sizeof(T), what);
+  return checked_align_up(bytes, kWorkspaceAlignment, what);
+}
+
+/// `count` workspace blocks of `block` bytes each, checked: for the
+/// *_workspace_bytes functions that carve several blocks of one shape.
+inline std::size_t workspace_blocks_bytes(std::int64_t count, std::size_t block, const char* what) {
+  RANKWISE_CHECK(block <= static_cast<std::size_t>(kMaxSize), what, ": block of ", block,
+                 " bytes overflows int64");
+  return checked_bytes(count, block, what);
 }
 
 /// Hands out consecutive blocks of a workspace. The first `take` that would
@@ -31,13 +44,27 @@ class WorkspaceCarver {
 
   template <class T>
   MatrixView<T> take(std::int64_t rows, std::int64_t cols) {
-    const std::size_t need = workspace_block_bytes<T>(rows, cols);
-    RANKWISE_CHECK(used_ + need <= bytes_, owner_, ": workspace of ", bytes_,
-                   " bytes is too small, need at least ", used_ + need);
+    const std::size_t need = workspace_block_bytes<T>(rows, cols, owner_);
+    // need <= bytes_ - used_, not used_ + need <= bytes_: the sum may wrap.
+    RANKWISE_CHECK(need <= bytes_ - used_, owner_, ": workspace of ", bytes_,
+                   " bytes is too small, need at least ", checked_add_bytes(used_, need, owner_));
     RANKWISE_CHECK(need == 0 || base_ != nullptr, owner_, ": workspace is null");
     T* p = reinterpret_cast<T*>(base_ + used_);
     used_ += need;
     return MatrixView<T>(p, rows, cols, space_);
+  }
+
+  /// Throws rankwise::error when `v` (a caller's view, usually an output)
+  /// shares memory with the blocks taken so far: call after the last take,
+  /// before any work. Memory past those blocks may hold anything.
+  template <class U>
+  void check_disjoint(const MatrixView<U>& v, const char* name) const {
+    const ByteRange used{reinterpret_cast<std::uintptr_t>(base_),
+                         reinterpret_cast<std::uintptr_t>(base_) + used_};
+    RANKWISE_CHECK(v.space != space_ || !overlaps(byte_range(v), used), owner_, ": ", name, " ",
+                   shape_of(v), " overlaps the ", used_,
+                   " workspace bytes in use; the workspace must not share memory with the ",
+                   "operands");
   }
 
  private:

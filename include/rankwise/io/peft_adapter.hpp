@@ -12,7 +12,7 @@
 #include <map>
 #include <nlohmann/json.hpp>
 #include <optional>
-#include <regex>
+#include <set>
 #include <string>
 #include <system_error>
 #include <utility>
@@ -21,6 +21,9 @@
 #include "rankwise/core/error.hpp"
 #include "rankwise/core/lora_config.hpp"
 #include "rankwise/core/tensor_map.hpp"
+#include "rankwise/io/json_reader.hpp"
+#include "rankwise/io/modules_to_save.hpp"
+#include "rankwise/io/regex.hpp"
 #include "rankwise/io/safetensors.hpp"
 
 namespace rankwise {
@@ -67,6 +70,11 @@ struct PeftAdapter {
   std::vector<std::pair<std::string, std::int64_t>> rank_pattern;
   std::vector<std::pair<std::string, double>> alpha_pattern;
   std::vector<LoraModule> modules;  ///< sorted by name
+  /// modules_to_save as in the config: modules trained in full and saved whole.
+  std::vector<std::string> modules_to_save;
+  /// Their tensors by key as stored ("base_model.model.<module>.<param>"), bytes
+  /// unchanged; applying them replaces the base model's tensors (not adds).
+  std::map<std::string, SafetensorsTensor> saved_tensors;
 
   /// alpha / sqrt(r) with use_rslora, else alpha / r.
   ScaleRule scale_rule() const {
@@ -115,26 +123,77 @@ inline bool ends_with(const std::string& s, const std::string& suffix) {
          s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
+// True when `key` holds only characters module paths use ([A-Za-z0-9_-] and
+// '.'): as a regular expression it is a literal whose dots match any character.
+inline bool plain_pattern(const std::string& key) {
+  if (key.empty()) return false;
+  for (const char c : key) {
+    const bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+                    c == '_' || c == '-' || c == '.';
+    if (!ok) return false;
+  }
+  return true;
+}
+
 // PEFT's get_pattern_key rule: pattern key k applies to module path m when
-// re.match(rf"(.*\.)?({k})$", m) does, i.e. when "(.*\.)?(k)" matches all of
-// m. The key is a regular expression; a plain name matches the module of
-// that name and every module whose path ends with "." + name.
+// re.match(rf"(.*\.)?({k})$", m) does. The key is a regular expression; a
+// plain name matches the module of that name and every module whose path ends
+// with "." + name. Matching is linear in the module name (see regex.hpp);
+// plain keys, the common case, take a direct comparison with the same result.
 class PatternMatcher {
  public:
-  PatternMatcher(const std::string& key, const std::string& where) : key_(key) {
-    try {
-      re_ = std::regex("(.*\\.)?(" + key + ")", std::regex::ECMAScript);
-    } catch (const std::regex_error& e) {
-      RANKWISE_CHECK_CODE(false, ErrorCode::kIo, where, ": pattern key \"", key,
-                          "\" is not a regular expression rankwise can evaluate (", e.what(), ")");
+  PatternMatcher(const std::string& key, const std::string& where)
+      : key_(key), where_(where), plain_(plain_pattern(key)) {
+    std::string why;
+    RANKWISE_CHECK_CODE(key.size() <= kMaxRegexLength, ErrorCode::kIo, where, ": pattern key ",
+                        quote_brief(key), " is not a regular expression rankwise can evaluate (",
+                        "longer than the ", kMaxRegexLength, "-byte limit for a pattern)");
+    // Compiled as PEFT writes it, textually, so a key such as "a)|(b" means
+    // what it means to PEFT.
+    regex_ = Regex::compile("(.*\\.)?(" + key + ")$", why);
+    if (!regex_) {
+      // The key's own error, with positions in the key rather than the wrapper.
+      std::string own;
+      if (!Regex::compile(key, own)) why = own;
+      RANKWISE_CHECK_CODE(false, ErrorCode::kIo, where, ": pattern key ", quote_brief(key),
+                          " is not a regular expression rankwise can evaluate (", why, ")");
     }
   }
-  bool matches(const std::string& module) const { return std::regex_match(module, re_); }
+
+  /// Whether the key applies to `module`. Throws rankwise::error(kIo) for a
+  /// module name longer than kMaxRegexSubject.
+  bool matches(const std::string& module) const {
+    RANKWISE_CHECK_CODE(module.size() <= kMaxRegexSubject, ErrorCode::kIo, where_,
+                        ": module name of ", module.size(), " bytes (", quote_brief(module, 40),
+                        ") is longer than the ", kMaxRegexSubject,
+                        "-byte limit for matching pattern key ", quote_brief(key_));
+    if (plain_ && ascii_line(module)) return plain_matches(module);
+    return regex_->matches(module, Regex::Anchor::kPrefix).value_or(false);
+  }
   const std::string& key() const { return key_; }
 
  private:
+  static bool ascii_line(const std::string& s) {
+    for (const char c : s) {
+      if (static_cast<unsigned char>(c) >= 0x80 || c == '\n') return false;
+    }
+    return true;
+  }
+  // The key matches the whole module or its end after a '.', each '.' of the
+  // key standing for any one character.
+  bool plain_matches(const std::string& module) const {
+    const std::size_t n = module.size(), k = key_.size();
+    if (n < k || (n > k && module[n - k - 1] != '.')) return false;
+    for (std::size_t i = 0; i < k; ++i) {
+      if (key_[i] != '.' && key_[i] != module[n - k + i]) return false;
+    }
+    return true;
+  }
+
   std::string key_;
-  std::regex re_;
+  std::string where_;
+  bool plain_ = false;
+  std::optional<Regex> regex_;
 };
 
 inline std::string read_text_file(const std::filesystem::path& path, std::uintmax_t limit) {
@@ -157,26 +216,26 @@ inline std::string read_text_file(const std::filesystem::path& path, std::uintma
 }
 
 // Reads the optional boolean `key`: absent or null gives `fallback`.
-inline bool config_bool(const nlohmann::ordered_json& config, const char* key, bool fallback,
+inline bool config_bool(const nlohmann::json& config, const char* key, bool fallback,
                         const std::string& where) {
   const auto it = config.find(key);
   if (it == config.end() || it->is_null()) return fallback;
   RANKWISE_CHECK_CODE(it->is_boolean(), ErrorCode::kIo, where, ": \"", key,
-                      "\" must be true or false, got ", it->dump());
+                      "\" must be true or false, got ", json_brief(*it));
   return it->get<bool>();
 }
 
 // Reads the optional string `key`: absent or null gives "".
-inline std::string config_string(const nlohmann::ordered_json& config, const char* key,
+inline std::string config_string(const nlohmann::json& config, const char* key,
                                  const std::string& where) {
   const auto it = config.find(key);
   if (it == config.end() || it->is_null()) return {};
   RANKWISE_CHECK_CODE(it->is_string(), ErrorCode::kIo, where, ": \"", key,
-                      "\" must be a string or null, got ", it->dump());
+                      "\" must be a string or null, got ", json_brief(*it));
   return it->get<std::string>();
 }
 
-inline bool json_positive_int(const nlohmann::ordered_json& v, std::int64_t& out) {
+inline bool json_positive_int(const nlohmann::json& v, std::int64_t& out) {
   if (v.is_number_unsigned()) {
     if (v.get<std::uint64_t>() == 0 ||
         v.get<std::uint64_t>() >
@@ -195,26 +254,38 @@ inline bool json_positive_int(const nlohmann::ordered_json& v, std::int64_t& out
   return false;
 }
 
-inline bool json_finite_number(const nlohmann::ordered_json& v, double& out) {
+inline bool json_finite_number(const nlohmann::json& v, double& out) {
   if (!v.is_number()) return false;
   out = v.get<double>();
   return std::isfinite(out);
 }
 
+/// The deepest nesting accepted in adapter_config.json. PEFT's own configs
+/// nest three deep (layer_replication); the limit only keeps a hostile file
+/// from building a huge tree.
+inline constexpr int kMaxPeftConfigDepth = 32;
+
 // The config fields rankwise uses; unknown keys are ignored, as PEFT does.
+// Parsing is linear in the file (see json_reader.hpp) and bounded in depth;
+// messages quote values through json_brief, so they stay short.
 inline void parse_peft_config(const std::string& text, const std::string& where, PeftAdapter& out) {
-  nlohmann::ordered_json config;
-  try {
-    config = nlohmann::ordered_json::parse(text);
-  } catch (const nlohmann::json::exception& e) {
-    RANKWISE_CHECK_CODE(false, ErrorCode::kIo, where, ": not valid JSON (", e.what(), ")");
+  nlohmann::json config;
+  JsonReadOptions options;
+  options.max_depth = kMaxPeftConfigDepth;
+  options.keep_order = {"rank_pattern", "alpha_pattern"};
+  JsonReadError problem;
+  std::map<std::string, std::vector<std::string>> order;
+  if (!parse_json_bounded(text, options, config, problem, &order)) {
+    RANKWISE_CHECK_CODE(problem.kind != JsonReadError::kTooDeep, ErrorCode::kIo, where,
+                        ": nests JSON deeper than the limit of ", kMaxPeftConfigDepth, " levels");
+    RANKWISE_CHECK_CODE(false, ErrorCode::kIo, where, ": not valid JSON (", problem.message, ")");
   }
   RANKWISE_CHECK_CODE(config.is_object(), ErrorCode::kIo, where, ": not a JSON object");
 
   const auto type_it = config.find("peft_type");
   RANKWISE_CHECK_CODE(type_it != config.end(), ErrorCode::kIo, where, ": missing \"peft_type\"");
   RANKWISE_CHECK_CODE(type_it->is_string() && type_it->get<std::string>() == "LORA", ErrorCode::kIo,
-                      where, ": peft_type is ", type_it->dump(),
+                      where, ": peft_type is ", json_brief(*type_it),
                       ", but only \"LORA\" adapters are supported");
   RANKWISE_CHECK_CODE(!config_bool(config, "use_dora", false, where), ErrorCode::kIo, where,
                       ": use_dora is true; DoRA adapters are not supported");
@@ -222,13 +293,13 @@ inline void parse_peft_config(const std::string& text, const std::string& where,
   const auto r_it = config.find("r");
   RANKWISE_CHECK_CODE(r_it != config.end(), ErrorCode::kIo, where, ": missing \"r\"");
   RANKWISE_CHECK_CODE(json_positive_int(*r_it, out.r), ErrorCode::kIo, where,
-                      ": \"r\" must be a positive integer, got ", r_it->dump());
+                      ": \"r\" must be a positive integer, got ", json_brief(*r_it));
 
   out.lora_alpha = 8;  // PEFT's LoraConfig default
   const auto alpha_it = config.find("lora_alpha");
   if (alpha_it != config.end() && !alpha_it->is_null()) {
     RANKWISE_CHECK_CODE(json_finite_number(*alpha_it, out.lora_alpha), ErrorCode::kIo, where,
-                        ": \"lora_alpha\" must be a finite number, got ", alpha_it->dump());
+                        ": \"lora_alpha\" must be a finite number, got ", json_brief(*alpha_it));
   }
   out.use_rslora = config_bool(config, "use_rslora", false, where);
   out.fan_in_fan_out = config_bool(config, "fan_in_fan_out", false, where);
@@ -244,41 +315,50 @@ inline void parse_peft_config(const std::string& text, const std::string& where,
     } else {
       RANKWISE_CHECK_CODE(target_it->is_array(), ErrorCode::kIo, where,
                           ": \"target_modules\" must be a list of names, a string or null, got ",
-                          target_it->dump());
+                          json_brief(*target_it));
       for (const auto& t : *target_it) {
         RANKWISE_CHECK_CODE(t.is_string(), ErrorCode::kIo, where,
-                            ": \"target_modules\" holds a non-string ", t.dump());
+                            ": \"target_modules\" holds a non-string ", json_brief(t));
         out.target_modules.push_back(t.get<std::string>());
       }
     }
   }
 
+  out.modules_to_save.clear();
+  const auto saved_it = config.find("modules_to_save");
+  if (saved_it != config.end() && !saved_it->is_null()) {
+    RANKWISE_CHECK_CODE(saved_it->is_array(), ErrorCode::kIo, where,
+                        ": \"modules_to_save\" must be a list of names or null, got ",
+                        json_brief(*saved_it));
+    for (const auto& t : *saved_it) {
+      RANKWISE_CHECK_CODE(t.is_string(), ErrorCode::kIo, where,
+                          ": \"modules_to_save\" holds a non-string ", json_brief(t));
+      out.modules_to_save.push_back(t.get<std::string>());
+    }
+  }
+
+  // The pattern objects in file order: PEFT takes the first key that matches.
+  const auto read_patterns = [&](const char* name, auto&& convert) {
+    const auto it = config.find(name);
+    if (it == config.end() || it->is_null()) return;
+    RANKWISE_CHECK_CODE(it->is_object(), ErrorCode::kIo, where, ": \"", name,
+                        "\" must be an object, got ", json_brief(*it));
+    for (const std::string& key : order[name]) convert(key, it->at(key));
+  };
   out.rank_pattern.clear();
   out.alpha_pattern.clear();
-  const auto rank_it = config.find("rank_pattern");
-  if (rank_it != config.end() && !rank_it->is_null()) {
-    RANKWISE_CHECK_CODE(rank_it->is_object(), ErrorCode::kIo, where,
-                        ": \"rank_pattern\" must be an object, got ", rank_it->dump());
-    for (const auto& kv : rank_it->items()) {
-      std::int64_t rank = 0;
-      RANKWISE_CHECK_CODE(json_positive_int(kv.value(), rank), ErrorCode::kIo, where,
-                          ": rank_pattern[\"", kv.key(), "\"] must be a positive integer, got ",
-                          kv.value().dump());
-      out.rank_pattern.emplace_back(kv.key(), rank);
-    }
-  }
-  const auto alpha_pattern_it = config.find("alpha_pattern");
-  if (alpha_pattern_it != config.end() && !alpha_pattern_it->is_null()) {
-    RANKWISE_CHECK_CODE(alpha_pattern_it->is_object(), ErrorCode::kIo, where,
-                        ": \"alpha_pattern\" must be an object, got ", alpha_pattern_it->dump());
-    for (const auto& kv : alpha_pattern_it->items()) {
-      double alpha = 0;
-      RANKWISE_CHECK_CODE(json_finite_number(kv.value(), alpha), ErrorCode::kIo, where,
-                          ": alpha_pattern[\"", kv.key(), "\"] must be a finite number, got ",
-                          kv.value().dump());
-      out.alpha_pattern.emplace_back(kv.key(), alpha);
-    }
-  }
+  read_patterns("rank_pattern", [&](const std::string& key, const nlohmann::json& value) {
+    std::int64_t rank = 0;
+    RANKWISE_CHECK_CODE(json_positive_int(value, rank), ErrorCode::kIo, where, ": rank_pattern[",
+                        quote_brief(key), "] must be a positive integer, got ", json_brief(value));
+    out.rank_pattern.emplace_back(key, rank);
+  });
+  read_patterns("alpha_pattern", [&](const std::string& key, const nlohmann::json& value) {
+    double alpha = 0;
+    RANKWISE_CHECK_CODE(json_finite_number(value, alpha), ErrorCode::kIo, where, ": alpha_pattern[",
+                        quote_brief(key), "] must be a finite number, got ", json_brief(value));
+    out.alpha_pattern.emplace_back(key, alpha);
+  });
 }
 
 // The first pattern (in order) matching `module`, else nullopt.
@@ -300,31 +380,18 @@ std::vector<std::pair<PatternMatcher, Value>> compile_patterns(
   return out;
 }
 
-}  // namespace detail
-
-/// Reads the PEFT LoRA adapter in directory `dir`. Each module's rank and
-/// alpha follow rank_pattern / alpha_pattern (PEFT's first-match rule) over r
-/// and lora_alpha, and its tensors are checked against them: lora_A must be
-/// (rank x d_in) and lora_B (d_out x rank). Throws rankwise::error(kIo)
-/// naming the file, module or tensor and the rule broken: peft_type other
-/// than "LORA", DoRA, missing r, a tensor that is not a LoRA weight, a module
-/// with only one of A and B, a rank mismatch, a malformed safetensors file.
-inline PeftAdapter read_peft_adapter(const std::string& dir) {
-  namespace fs = std::filesystem;
-  const fs::path config_path = fs::path(dir) / kPeftConfigFile;
-  const fs::path weights_path = fs::path(dir) / kPeftWeightsFile;
-  const std::string config_where =
-      ::rankwise::detail::concat("PEFT config \"", config_path.string(), "\"");
-  const std::string weights_where =
-      ::rankwise::detail::concat("PEFT weights \"", weights_path.string(), "\"");
-
+// The reader on a config's text and a loader of the weights file, so that the
+// fuzz target drives the same code without files. `load_weights()` runs after
+// the config is parsed and its patterns compiled, so config errors come first.
+template <class LoadWeights>
+PeftAdapter peft_adapter_from(const std::string& config_text, LoadWeights&& load_weights,
+                              const std::string& config_where, const std::string& weights_where) {
   PeftAdapter adapter;
-  detail::parse_peft_config(detail::read_text_file(config_path, std::uintmax_t{16} << 20),
-                            config_where, adapter);
+  detail::parse_peft_config(config_text, config_where, adapter);
   const auto rank_patterns = detail::compile_patterns(adapter.rank_pattern, config_where);
   const auto alpha_patterns = detail::compile_patterns(adapter.alpha_pattern, config_where);
 
-  SafetensorsFile file = read_safetensors(weights_path.string());
+  const SafetensorsFile file = load_weights();
   RANKWISE_CHECK_CODE(!file.tensors.empty(), ErrorCode::kIo, weights_where, ": holds no tensors");
 
   struct Pair {
@@ -333,24 +400,31 @@ inline PeftAdapter read_peft_adapter(const std::string& dir) {
   };
   std::map<std::string, Pair> pairs;  // sorted by module name
   const std::string prefix = detail::kPeftKeyPrefix;
+  // LoRA on the modules_to_save wrapper and DoRA are refused first, so the
+  // message names the key that explains the file rather than a side tensor.
+  for (const PeftKeyKind refused : {PeftKeyKind::kWrapperLora, PeftKeyKind::kDoraMagnitude}) {
+    for (const auto& kv : file.tensors) {
+      RANKWISE_CHECK_CODE(classify_peft_key(kv.first, adapter.modules_to_save).kind != refused,
+                          ErrorCode::kIo, weights_where, ": ",
+                          peft_key_refusal(kv.first, refused, adapter.modules_to_save));
+    }
+  }
   for (const auto& kv : file.tensors) {
-    const std::string& key = kv.first;
-    const bool is_a = detail::ends_with(key, detail::kPeftASuffix);
-    const bool is_b = detail::ends_with(key, detail::kPeftBSuffix);
-    const std::size_t suffix = std::char_traits<char>::length(detail::kPeftASuffix);
-    RANKWISE_CHECK_CODE(key.compare(0, prefix.size(), prefix) == 0 && (is_a || is_b) &&
-                            key.size() > prefix.size() + suffix,
-                        ErrorCode::kIo, weights_where, ": tensor \"", key,
-                        "\" is not a LoRA weight (expected ", prefix, "<module>",
-                        detail::kPeftASuffix, " or ", detail::kPeftBSuffix,
-                        "; DoRA, bias, embedding and modules_to_save tensors are not supported)");
-    const std::string module = key.substr(prefix.size(), key.size() - prefix.size() - suffix);
-    (is_a ? pairs[module].a : pairs[module].b) = &kv.second;
+    const PeftKeyInfo info = classify_peft_key(kv.first, adapter.modules_to_save);
+    if (info.kind == PeftKeyKind::kSavedModule) {
+      adapter.saved_tensors.emplace(kv.first, kv.second);
+      continue;
+    }
+    RANKWISE_CHECK_CODE(info.kind == PeftKeyKind::kLoraA || info.kind == PeftKeyKind::kLoraB,
+                        ErrorCode::kIo, weights_where, ": ",
+                        peft_key_refusal(kv.first, info.kind, adapter.modules_to_save));
+    (info.kind == PeftKeyKind::kLoraA ? pairs[info.module].a : pairs[info.module].b) = &kv.second;
   }
 
   for (const auto& kv : pairs) {
     const std::string& name = kv.first;
-    const std::string at = ::rankwise::detail::concat(weights_where, ", module \"", name, "\"");
+    const std::string at =
+        ::rankwise::detail::concat(weights_where, ", module \"", detail::name_brief(name), "\"");
     RANKWISE_CHECK_CODE(kv.second.a != nullptr, ErrorCode::kIo, at, ": has lora_B but no lora_A");
     RANKWISE_CHECK_CODE(kv.second.b != nullptr, ErrorCode::kIo, at, ": has lora_A but no lora_B");
 
@@ -380,6 +454,34 @@ inline PeftAdapter read_peft_adapter(const std::string& dir) {
     adapter.modules.push_back(std::move(m));
   }
   return adapter;
+}
+
+}  // namespace detail
+
+/// Reads the PEFT LoRA adapter in directory `dir`. Each module's rank and
+/// alpha follow rank_pattern / alpha_pattern (PEFT's first-match rule) over r
+/// and lora_alpha, and its tensors are checked against them: lora_A must be
+/// (rank x d_in) and lora_B (d_out x rank). The tensors of modules in
+/// modules_to_save (whole modules PEFT trains in full, e.g. a classifier
+/// head) are kept, bytes unchanged, in saved_tensors. Throws
+/// rankwise::error(kIo) naming the file, module or tensor and the rule
+/// broken: peft_type other than "LORA", DoRA (use_dora or a magnitude
+/// vector), missing r, LoRA on PEFT's modules_to_save wrapper, a tensor that
+/// is neither a LoRA weight nor of a saved module, a module
+/// with only one of A and B, a rank mismatch, a malformed safetensors file,
+/// a config nested deeper than kMaxPeftConfigDepth, a pattern key rankwise
+/// cannot evaluate (see regex.hpp) or a module name too long to match.
+inline PeftAdapter read_peft_adapter(const std::string& dir) {
+  namespace fs = std::filesystem;
+  const fs::path config_path = fs::path(dir) / kPeftConfigFile;
+  const fs::path weights_path = fs::path(dir) / kPeftWeightsFile;
+  const std::string config_where =
+      ::rankwise::detail::concat("PEFT config \"", config_path.string(), "\"");
+  const std::string weights_where =
+      ::rankwise::detail::concat("PEFT weights \"", weights_path.string(), "\"");
+  return detail::peft_adapter_from(
+      detail::read_text_file(config_path, std::uintmax_t{16} << 20),
+      [&] { return read_safetensors(weights_path.string()); }, config_where, weights_where);
 }
 
 namespace detail {
@@ -415,8 +517,10 @@ inline std::string regex_escape(const std::string& s) {
 
 // The per-module overrides of a default, keyed by module path: plainly
 // (readable, and what PEFT users write) unless some key would also match
-// another module under PEFT's rule, then escaped. PEFT reads the keys in
-// file order, which is sorted, so verification follows that order.
+// another module under PEFT's rule, then escaped. A name with characters
+// other than [A-Za-z0-9_.-] is always escaped: as a regular expression it
+// would mean something else. PEFT reads the keys in file order, which is
+// sorted, so verification follows that order.
 template <class Value>
 std::vector<std::pair<std::string, Value>> module_patterns(const std::vector<LoraModule>& modules,
                                                            Value (*get)(const LoraModule&),
@@ -424,16 +528,13 @@ std::vector<std::pair<std::string, Value>> module_patterns(const std::vector<Lor
   for (int escaped = 0; escaped < 2; ++escaped) {
     std::map<std::string, Value> sorted;
     for (const auto& m : modules) {
-      if (get(m) != fallback) sorted[escaped ? regex_escape(m.name) : m.name] = get(m);
+      if (get(m) != fallback) {
+        sorted[escaped || !plain_pattern(m.name) ? regex_escape(m.name) : m.name] = get(m);
+      }
     }
     std::vector<std::pair<std::string, Value>> patterns(sorted.begin(), sorted.end());
-    std::vector<std::pair<PatternMatcher, Value>> compiled;
-    try {
-      compiled = compile_patterns(patterns, what);
-    } catch (const error&) {
-      if (escaped) throw;
-      continue;  // a name that is not a valid regular expression: escape it
-    }
+    const std::vector<std::pair<PatternMatcher, Value>> compiled =
+        compile_patterns(patterns, ::rankwise::detail::concat("PEFT writer: ", what));
     bool exact = true;
     for (const auto& m : modules) {
       exact = exact && resolve_pattern(compiled, m.name).value_or(fallback) == get(m);
@@ -490,7 +591,8 @@ inline std::string peft_config_text(const PeftAdapter& adapter, std::int64_t r, 
   config["lora_dropout"] = 0.0;
   config["megatron_config"] = nullptr;
   config["megatron_core"] = "megatron.core";
-  config["modules_to_save"] = nullptr;
+  config["modules_to_save"] =
+      adapter.modules_to_save.empty() ? json(nullptr) : json(adapter.modules_to_save);
   config["peft_type"] = "LORA";
   config["qalora_group_size"] = 16;
   config["r"] = r;
@@ -516,7 +618,8 @@ inline std::string peft_config_text(const PeftAdapter& adapter, std::int64_t r, 
 }
 
 inline void check_module(const LoraModule& m, ScaleRule rule) {
-  const std::string at = ::rankwise::detail::concat("PEFT writer: module \"", m.name, "\"");
+  const std::string at =
+      ::rankwise::detail::concat("PEFT writer: module \"", name_brief(m.name), "\"");
   RANKWISE_CHECK(!m.name.empty(), "PEFT writer: a module has an empty name");
   RANKWISE_CHECK(m.rank > 0, at, ": rank must be positive, got ", m.rank);
   RANKWISE_CHECK(m.a.shape.size() == 2 && m.a.shape[0] == m.rank && m.a.shape[1] > 0, at,
@@ -540,23 +643,18 @@ inline void check_module(const LoraModule& m, ScaleRule rule) {
                  " (expected ", expected, "); set alpha so that the scale comes out");
 }
 
-// The whole-directory write, with `dtype_of(module, is_b)` choosing each tensor's dtype.
-template <class DTypeOf>
-void write_peft_adapter_impl(const PeftAdapter& adapter, const std::string& dir, DTypeOf dtype_of,
-                             bool overwrite) {
-  namespace fs = std::filesystem;
-
-  // Everything that can be checked before touching the disk is checked first.
+// Everything the writer checks before touching the disk, and the config text
+// it derives; separate so that the fuzz target runs it without files.
+inline std::string prepare_peft_config(const PeftAdapter& adapter) {
   RANKWISE_CHECK(!adapter.modules.empty(), "PEFT writer: the adapter has no modules");
   std::vector<std::int64_t> ranks;
   std::vector<double> alphas;
+  std::set<std::string> seen_names;
   for (std::size_t i = 0; i < adapter.modules.size(); ++i) {
     const LoraModule& m = adapter.modules[i];
     check_module(m, adapter.scale_rule());
-    for (std::size_t j = 0; j < i; ++j) {
-      RANKWISE_CHECK(adapter.modules[j].name != m.name, "PEFT writer: module \"", m.name,
-                     "\" appears twice");
-    }
+    RANKWISE_CHECK(seen_names.insert(m.name).second, "PEFT writer: module \"", name_brief(m.name),
+                   "\" appears twice");
     ranks.push_back(m.rank);
     alphas.push_back(m.alpha);
   }
@@ -577,27 +675,38 @@ void write_peft_adapter_impl(const PeftAdapter& adapter, const std::string& dir,
     targets.erase(std::unique(targets.begin(), targets.end()), targets.end());
   }
   // A module PEFT would not target would be dropped on loading: refuse.
-  std::optional<std::regex> target_regex;
+  // PEFT full-matches a target_modules string (re.fullmatch).
+  std::optional<Regex> target_regex;
   if (!adapter.target_modules_regex.empty()) {
-    try {
-      target_regex = std::regex(adapter.target_modules_regex, std::regex::ECMAScript);
-    } catch (const std::regex_error&) {
-      // Python-only syntax: PEFT can evaluate it, rankwise cannot; not checked.
-    }
+    std::string why;
+    // Syntax rankwise does not evaluate (lookaround...) is left to PEFT: not checked.
+    target_regex = Regex::compile(adapter.target_modules_regex, why);
   }
   for (const auto& m : adapter.modules) {
     bool targeted = false;
     if (!adapter.target_modules_regex.empty()) {
-      targeted = !target_regex || std::regex_match(m.name, *target_regex);
+      const auto matched =
+          target_regex ? target_regex->matches(m.name, Regex::Anchor::kFull) : true;
+      RANKWISE_CHECK(matched.has_value(), "PEFT writer: module name of ", m.name.size(),
+                     " bytes is longer than the ", kMaxRegexSubject,
+                     "-byte limit for matching target_modules");
+      targeted = *matched;
     } else {
       for (const auto& t : targets)
         targeted = targeted || m.name == t || ends_with(m.name, "." + t);
     }
-    RANKWISE_CHECK(targeted, "PEFT writer: module \"", m.name,
+    RANKWISE_CHECK(targeted, "PEFT writer: module \"", name_brief(m.name),
                    "\" is not matched by target_modules, so PEFT would not load it");
   }
-  const std::string config_text =
-      peft_config_text(adapter, r, alpha, rank_pattern, alpha_pattern, targets);
+  return peft_config_text(adapter, r, alpha, rank_pattern, alpha_pattern, targets);
+}
+
+// The whole-directory write, with `dtype_of(module, is_b)` choosing each tensor's dtype.
+template <class DTypeOf>
+void write_peft_adapter_impl(const PeftAdapter& adapter, const std::string& dir, DTypeOf dtype_of,
+                             bool overwrite) {
+  namespace fs = std::filesystem;
+  const std::string config_text = prepare_peft_config(adapter);
 
   // Where the output goes.
   fs::path target(dir);
@@ -640,6 +749,15 @@ void write_peft_adapter_impl(const PeftAdapter& adapter, const std::string& dir,
                               from_host_tensor(m.a, dtype_of(m, false), key + kPeftASuffix));
       weights.tensors.emplace(key + kPeftBSuffix,
                               from_host_tensor(m.b, dtype_of(m, true), key + kPeftBSuffix));
+    }
+    for (const auto& kv : adapter.saved_tensors) {
+      // Every saved tensor must read back as one: of a listed module, not a LoRA key.
+      RANKWISE_CHECK(
+          classify_peft_key(kv.first, adapter.modules_to_save).kind == PeftKeyKind::kSavedModule &&
+              weights.tensors.count(kv.first) == 0,
+          "PEFT writer: saved tensor \"", name_brief(kv.first),
+          "\" is not base_model.model.<module>.<param> of a module in modules_to_save");
+      weights.tensors.emplace(kv.first, kv.second);
     }
     write_safetensors(weights, (staging / kPeftWeightsFile).string());
 

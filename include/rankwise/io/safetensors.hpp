@@ -18,11 +18,13 @@
 #include <set>
 #include <string>
 #include <system_error>
+#include <unordered_set>
 #include <utility>
 #include <vector>
 
 #include "rankwise/core/error.hpp"
 #include "rankwise/core/tensor_map.hpp"
+#include "rankwise/io/json_reader.hpp"
 
 namespace rankwise {
 namespace io {
@@ -304,8 +306,15 @@ inline std::string shape_string(const std::vector<std::int64_t>& shape) {
 inline std::string file_where(const std::string& label) {
   return ::rankwise::detail::concat("safetensors file \"", label, "\"");
 }
+// A name from a file, cut so that an error message stays bounded.
+inline std::string name_brief(const std::string& name) {
+  constexpr std::size_t kLimit = 200;
+  if (name.size() <= kLimit) return name;
+  return ::rankwise::detail::concat(name.substr(0, kLimit), "... (", name.size(), " bytes)");
+}
 inline std::string tensor_where(const std::string& label, const std::string& tensor) {
-  return ::rankwise::detail::concat("safetensors file \"", label, "\", tensor \"", tensor, "\"");
+  return ::rankwise::detail::concat("safetensors file \"", label, "\", tensor \"",
+                                    name_brief(tensor), "\"");
 }
 
 inline std::uint64_t load_le(const std::uint8_t* p, int bytes) {
@@ -354,162 +363,322 @@ struct ParsedHeader {
   std::vector<HeaderEntry> entries;  // sorted by offset
 };
 
-// A valid header nests at most three containers deep (root object, tensor
-// entry, shape array). Checking this on the raw bytes before parsing keeps a
-// hostile "[[[[..." header from building a huge tree.
-inline bool nesting_within(const std::string& text, int max_depth) {
-  int depth = 0;
-  bool in_string = false;
-  for (std::size_t i = 0; i < text.size(); ++i) {
-    const char c = text[i];
-    if (in_string) {
-      if (c == '\\') {
-        ++i;
-      } else if (c == '"') {
-        in_string = false;
-      }
-    } else if (c == '"') {
-      in_string = true;
-    } else if (c == '{' || c == '[') {
-      if (++depth > max_depth) return false;
-    } else if (c == '}' || c == ']') {
-      --depth;
-    }
-  }
-  return true;
-}
+// What the header says about one tensor, as read, before validation.
+struct RawEntry {
+  std::string name;
+  const char* not_object = nullptr;  // the JSON type of a value that is not an object
+  bool dtype_ok = false;             // "dtype" present and a string
+  std::string dtype;
+  bool has_shape = false, shape_array = false;
+  std::vector<std::uint64_t> shape;
+  std::string bad_dim;  // the first shape element that is not a non-negative integer
+  bool has_offsets = false, offsets_ok = false;
+  std::size_t offsets_count = 0;
+  std::uint64_t offsets[2] = {0, 0};
+};
 
-inline bool json_non_negative_int(const nlohmann::json& v, std::uint64_t& out) {
-  if (v.is_number_unsigned()) {
-    out = v.get<std::uint64_t>();
+// The header read straight from SAX events into RawEntry records, with no
+// JSON tree: nlohmann's DOM costs about ten allocations per tensor, this
+// about three, so a 200,000-tensor header parses in a fraction of a second.
+// Depth is bounded (a valid header nests three containers: object > tensor
+// entry > shape) and every duplicate key is caught, both as the events come.
+class HeaderReader : public nlohmann::json_sax<nlohmann::json> {
+ public:
+  enum class Field { kNone, kDtype, kShape, kOffsets, kOther };
+
+  std::vector<RawEntry> entries;
+  std::optional<std::map<std::string, std::string>> metadata;
+  const char* metadata_not_object = nullptr;
+  std::string metadata_bad_key;             // first key whose value is not a string...
+  const char* metadata_bad_type = nullptr;  // ... and that value's type
+  const char* root_type = nullptr;          // set when the root is not an object
+  JsonReadError error;
+
+  bool null() override { return scalar("null", "null"); }
+  bool boolean(bool v) override { return scalar("boolean", v ? "true" : "false"); }
+  bool number_integer(number_integer_t v) override {
+    if (v >= 0) return unsigned_value(static_cast<std::uint64_t>(v));  // "-0"
+    return scalar("number", std::to_string(v));
+  }
+  bool number_unsigned(number_unsigned_t v) override { return unsigned_value(v); }
+  bool number_float(number_float_t v, const string_t&) override {
+    return scalar("number", nlohmann::json(v).dump());
+  }
+  bool string(string_t& v) override {
+    if (root_type) return true;
+    if (depth_ == 2 && in_metadata_) {
+      metadata->emplace(key_, std::move(v));
+      return true;
+    }
+    if (depth_ == 2 && field_ == Field::kDtype && !in_ignored_) {
+      RawEntry& e = entries.back();
+      e.dtype_ok = true;
+      e.dtype = std::move(v);
+      return true;
+    }
+    return scalar("string", quote_brief(v));
+  }
+  bool binary(binary_t&) override { return scalar("binary", "binary"); }
+
+  bool start_object(std::size_t) override { return open(true); }
+  bool start_array(std::size_t) override { return open(false); }
+  bool end_object() override { return close(); }
+  bool end_array() override { return close(); }
+
+  bool key(string_t& k) override {
+    if (root_type) return true;
+    if (depth_ == 1) {
+      if (!root_names_.insert(k).second) return duplicate(k, {});
+      key_ = std::move(k);
+      return true;
+    }
+    if (depth_ == 2 && in_metadata_) {
+      if (metadata->count(k)) return duplicate(k, {"__metadata__"});
+      key_ = std::move(k);
+      return true;
+    }
+    if (depth_ == 2 && !in_ignored_) {
+      RawEntry& e = entries.back();
+      // Entries have a few keys: a linear check, then a set for hostile ones.
+      if (entry_keys_.size() < 8) {
+        for (const auto& seen : entry_keys_) {
+          if (seen == k) return duplicate(k, {e.name});
+        }
+        entry_keys_.push_back(k);
+      } else if (!entry_key_set_.insert(k).second ||
+                 std::find(entry_keys_.begin(), entry_keys_.end(), k) != entry_keys_.end()) {
+        return duplicate(k, {e.name});
+      }
+      field_ = k == "dtype"          ? Field::kDtype
+               : k == "shape"        ? Field::kShape
+               : k == "data_offsets" ? Field::kOffsets
+                                     : Field::kOther;
+      if (field_ == Field::kShape) e.has_shape = true;
+      if (field_ == Field::kOffsets) e.has_offsets = true;
+      if (field_ == Field::kDtype) e.dtype_ok = false;
+      return true;
+    }
+    return true;  // keys of objects nested in ignored values
+  }
+
+  bool parse_error(std::size_t, const std::string&, const nlohmann::detail::exception& e) override {
+    error.kind = JsonReadError::kSyntax;
+    std::string what = e.what();  // quotes the last token, which may be huge
+    if (what.size() > 240) what = what.substr(0, 240) + "...";
+    error.message = std::move(what);
+    return false;
+  }
+
+ private:
+  bool duplicate(const std::string& k, std::vector<std::string> at) {
+    error.kind = JsonReadError::kDuplicateKey;
+    error.key = k;
+    error.at = std::move(at);
+    return false;
+  }
+
+  // A tensor entry (or __metadata__) begins at depth 1 with the current key.
+  void begin_value_at_root(bool object, const char* type) {
+    field_ = Field::kNone;
+    array_field_ = Field::kNone;
+    if (key_ == "__metadata__") {
+      in_metadata_ = object;
+      in_ignored_ = !object;
+      metadata.emplace();
+      if (!object) metadata_not_object = type;
+      return;
+    }
+    entries.emplace_back();
+    RawEntry& e = entries.back();
+    e.name = key_;
+    if (!object) e.not_object = type;
+    in_ignored_ = !object;
+    entry_keys_.clear();
+    entry_key_set_.clear();
+  }
+
+  // A value that is not a container; `brief` is its JSON text, cut.
+  bool scalar(const char* type, std::string brief) {
+    if (root_type) return true;
+    if (depth_ == 0) {
+      root_type = type;
+    } else if (depth_ == 1) {
+      begin_value_at_root(false, type);
+    } else if (depth_ == 2 && in_metadata_) {
+      if (!metadata_bad_type) {
+        metadata_bad_key = key_;
+        metadata_bad_type = type;
+      }
+    } else if (depth_ == 3 && !in_ignored_ && array_field_ == Field::kShape) {
+      RawEntry& e = entries.back();
+      if (e.bad_dim.empty()) e.bad_dim = std::move(brief);
+    } else if (depth_ == 3 && !in_ignored_ && array_field_ == Field::kOffsets) {
+      RawEntry& e = entries.back();
+      ++e.offsets_count;
+      e.offsets_ok = false;
+      offsets_bad_ = true;
+    }
+    // A non-string dtype stays !dtype_ok; other fields' scalars mean "not an array".
     return true;
   }
-  if (v.is_number_integer() && v.get<std::int64_t>() >= 0) {  // "-0"
-    out = static_cast<std::uint64_t>(v.get<std::int64_t>());
+
+  bool unsigned_value(std::uint64_t v) {
+    if (root_type) return true;
+    if (depth_ == 3 && !in_ignored_ && array_field_ == Field::kShape) {
+      RawEntry& e = entries.back();
+      e.shape.push_back(v);
+      return true;
+    }
+    if (depth_ == 3 && !in_ignored_ && array_field_ == Field::kOffsets) {
+      RawEntry& e = entries.back();
+      if (e.offsets_count < 2) e.offsets[e.offsets_count] = v;
+      ++e.offsets_count;
+      return true;
+    }
+    return scalar("number", std::to_string(v));
+  }
+
+  bool open(bool object) {
+    if (depth_ >= 3) {
+      error.kind = JsonReadError::kTooDeep;
+      return false;
+    }
+    const char* type = object ? "object" : "array";
+    if (depth_ == 0 && !object) root_type = type;
+    if (root_type) {
+      ++depth_;
+      return true;
+    }
+    if (depth_ == 1) begin_value_at_root(object, type);
+    if (depth_ == 2 && in_metadata_ && !metadata_bad_type) {
+      metadata_bad_key = key_;
+      metadata_bad_type = type;
+    }
+    if (depth_ == 2 && !in_metadata_ && !in_ignored_ && !object) {
+      array_field_ = field_;
+      RawEntry& e = entries.back();
+      if (field_ == Field::kShape) {
+        e.shape_array = true;
+        e.shape.clear();
+        e.bad_dim.clear();
+      } else if (field_ == Field::kOffsets) {
+        e.offsets_count = 0;
+        offsets_bad_ = false;
+      }
+    }
+    ++depth_;
     return true;
   }
-  return false;
-}
+
+  bool close() {
+    --depth_;
+    if (root_type) return true;
+    if (depth_ == 2 && !in_metadata_ && !in_ignored_) {
+      RawEntry& e = entries.back();
+      if (array_field_ == Field::kOffsets) e.offsets_ok = !offsets_bad_ && e.offsets_count == 2;
+      array_field_ = Field::kNone;
+    }
+    if (depth_ == 1) {
+      in_metadata_ = false;
+      in_ignored_ = false;
+    }
+    return true;
+  }
+
+  int depth_ = 0;
+  std::string key_;  // the current key at depth 1 or in __metadata__
+  bool in_metadata_ = false;
+  bool in_ignored_ = false;  // inside a root value that is not an object
+  Field field_ = Field::kNone;
+  Field array_field_ = Field::kNone;
+  bool offsets_bad_ = false;
+  std::unordered_set<std::string> root_names_;
+  std::vector<std::string> entry_keys_;
+  std::set<std::string> entry_key_set_;
+};
 
 // Parses and validates the JSON header of a file whose data section holds
 // `data_bytes` bytes. Every rule of the format is checked here, before any
-// tensor data is read or allocated.
+// tensor data is read or allocated; parsing and checking are linear in the
+// header (the offset sort aside).
 inline ParsedHeader parse_header(const std::string& label, const std::string& text,
                                  std::uint64_t data_bytes) {
   const std::string where = file_where(label);
-  RANKWISE_CHECK_CODE(nesting_within(text, 3), ErrorCode::kIo, where,
+  HeaderReader reader;
+  const bool parsed = nlohmann::json::sax_parse(text.begin(), text.end(), &reader);
+  const JsonReadError& problem = reader.error;
+  RANKWISE_CHECK_CODE(problem.kind != JsonReadError::kTooDeep, ErrorCode::kIo, where,
                       ": header nests JSON deeper than a safetensors header can "
                       "(object > tensor entry > shape)");
-
-  // nlohmann keeps the last of duplicate keys silently; the parse callback
-  // sees every key, so duplicates are caught here. An object starting at
-  // depth d reports its keys at depth d + 1.
-  std::vector<std::set<std::string>> seen;
-  std::string last_root_key;
-  std::optional<std::string> duplicate;
-  std::string duplicate_parent;
-  auto callback = [&](int depth, nlohmann::json::parse_event_t event, nlohmann::json& parsed) {
-    if (depth < 0) return true;
-    const auto level = static_cast<std::size_t>(depth);
-    if (event == nlohmann::json::parse_event_t::object_start) {
-      if (seen.size() < level + 2) seen.resize(level + 2);
-      seen[level + 1].clear();
-    } else if (event == nlohmann::json::parse_event_t::key && parsed.is_string()) {
-      if (seen.size() < level + 1) seen.resize(level + 1);
-      const auto& key = parsed.get_ref<const std::string&>();
-      if (!seen[level].insert(key).second && !duplicate) {
-        duplicate = key;
-        duplicate_parent = level == 1 ? std::string() : last_root_key;
-      }
-      if (level == 1) last_root_key = key;
-    }
-    return true;
-  };
-
-  nlohmann::json header;
-  try {
-    header = nlohmann::json::parse(text.begin(), text.end(), callback);
-  } catch (const nlohmann::json::exception& e) {
-    RANKWISE_CHECK_CODE(false, ErrorCode::kIo, where, ": header is not valid JSON (", e.what(),
-                        ")");
+  RANKWISE_CHECK_CODE(
+      problem.kind != JsonReadError::kSyntax && (parsed || problem.kind != JsonReadError::kNone),
+      ErrorCode::kIo, where, ": header is not valid JSON (", problem.message, ")");
+  if (problem.kind == JsonReadError::kDuplicateKey) {
+    const std::string parent = problem.at.empty() ? std::string() : problem.at.front();
+    RANKWISE_CHECK_CODE(!problem.at.empty(), ErrorCode::kIo, where, ": duplicate key ",
+                        quote_brief(problem.key), " in header");
+    RANKWISE_CHECK_CODE(parent != "__metadata__", ErrorCode::kIo, where, ": duplicate key ",
+                        quote_brief(problem.key), " in __metadata__");
+    RANKWISE_CHECK_CODE(false, ErrorCode::kIo, tensor_where(label, parent), ": duplicate key ",
+                        quote_brief(problem.key), " in its header entry");
   }
-  if (duplicate) {
-    RANKWISE_CHECK_CODE(duplicate_parent != "__metadata__", ErrorCode::kIo, where,
-                        ": duplicate key \"", *duplicate, "\" in __metadata__");
-    RANKWISE_CHECK_CODE(duplicate_parent.empty(), ErrorCode::kIo,
-                        tensor_where(label, duplicate_parent), ": duplicate key \"", *duplicate,
-                        "\" in its header entry");
-    RANKWISE_CHECK_CODE(false, ErrorCode::kIo, where, ": duplicate key \"", *duplicate,
-                        "\" in header");
-  }
-  RANKWISE_CHECK_CODE(header.is_object(), ErrorCode::kIo, where,
-                      ": header is not a JSON object (it is ", header.type_name(), ")");
+  RANKWISE_CHECK_CODE(reader.root_type == nullptr, ErrorCode::kIo, where,
+                      ": header is not a JSON object (it is ", reader.root_type, ")");
 
   ParsedHeader out;
-  for (const auto& item : header.items()) {
-    const std::string& name = item.key();
-    const nlohmann::json& value = item.value();
-    if (name == "__metadata__") {
-      RANKWISE_CHECK_CODE(value.is_object(), ErrorCode::kIo, where,
-                          ": __metadata__ must be an object mapping strings to strings (it is ",
-                          value.type_name(), ")");
-      std::map<std::string, std::string> metadata;
-      for (const auto& kv : value.items()) {
-        RANKWISE_CHECK_CODE(kv.value().is_string(), ErrorCode::kIo, where,
-                            ": __metadata__ value of \"", kv.key(), "\" must be a string (it is ",
-                            kv.value().type_name(), ")");
-        metadata.emplace(kv.key(), kv.value().get<std::string>());
-      }
-      out.metadata = std::move(metadata);
-      continue;
-    }
-
-    const std::string at = tensor_where(label, name);
-    RANKWISE_CHECK_CODE(value.is_object(), ErrorCode::kIo, at,
+  if (reader.metadata) {
+    RANKWISE_CHECK_CODE(reader.metadata_not_object == nullptr, ErrorCode::kIo, where,
+                        ": __metadata__ must be an object mapping strings to strings (it is ",
+                        reader.metadata_not_object, ")");
+    RANKWISE_CHECK_CODE(reader.metadata_bad_type == nullptr, ErrorCode::kIo, where,
+                        ": __metadata__ value of \"", name_brief(reader.metadata_bad_key),
+                        "\" must be a string (it is ", reader.metadata_bad_type, ")");
+    out.metadata = std::move(reader.metadata);
+  }
+  out.entries.reserve(reader.entries.size());
+  for (RawEntry& raw : reader.entries) {
+    const std::string& name = raw.name;
+    // Built only when a check fails: the happy path stays free of string formatting.
+    const auto at = [&] { return tensor_where(label, name); };
+    RANKWISE_CHECK_CODE(raw.not_object == nullptr, ErrorCode::kIo, at(),
                         ": header entry must be an object with dtype, shape and data_offsets");
 
     HeaderEntry entry;
-    entry.name = name;
-
-    const auto dtype_it = value.find("dtype");
-    RANKWISE_CHECK_CODE(dtype_it != value.end() && dtype_it->is_string(), ErrorCode::kIo, at,
-                        ": missing or non-string \"dtype\"");
-    const auto dtype = parse_dtype(dtype_it->get<std::string>());
-    RANKWISE_CHECK_CODE(dtype.has_value(), ErrorCode::kIo, at, ": unknown dtype \"",
-                        dtype_it->get<std::string>(), "\"");
+    RANKWISE_CHECK_CODE(raw.dtype_ok, ErrorCode::kIo, at(), ": missing or non-string \"dtype\"");
+    const auto dtype = parse_dtype(raw.dtype);
+    RANKWISE_CHECK_CODE(dtype.has_value(), ErrorCode::kIo, at(), ": unknown dtype ",
+                        quote_brief(raw.dtype));
     entry.dtype = *dtype;
 
-    const auto shape_it = value.find("shape");
-    RANKWISE_CHECK_CODE(shape_it != value.end() && shape_it->is_array(), ErrorCode::kIo, at,
+    RANKWISE_CHECK_CODE(raw.has_shape && raw.shape_array, ErrorCode::kIo, at(),
                         ": missing \"shape\" or it is not an array");
-    for (const auto& dim : *shape_it) {
-      std::uint64_t d = 0;
-      RANKWISE_CHECK_CODE(json_non_negative_int(dim, d), ErrorCode::kIo, at,
-                          ": shape must hold non-negative integers, found ", dim.dump());
+    RANKWISE_CHECK_CODE(raw.bad_dim.empty(), ErrorCode::kIo, at(),
+                        ": shape must hold non-negative integers, found ", raw.bad_dim);
+    entry.shape.reserve(raw.shape.size());
+    for (const std::uint64_t d : raw.shape) {
       RANKWISE_CHECK_CODE(d <= static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max()),
-                          ErrorCode::kIo, at, ": shape dimension ", d, " overflows");
+                          ErrorCode::kIo, at(), ": shape dimension ", d, " overflows");
       entry.shape.push_back(static_cast<std::int64_t>(d));
     }
     const auto numel = checked_numel(entry.shape);
-    RANKWISE_CHECK_CODE(numel.has_value(), ErrorCode::kIo, at, ": element count of shape ",
+    RANKWISE_CHECK_CODE(numel.has_value(), ErrorCode::kIo, at(), ": element count of shape ",
                         shape_string(entry.shape), " overflows");
     const auto bytes = checked_bytes(*numel, entry.dtype);
-    RANKWISE_CHECK_CODE(bytes.has_value(), ErrorCode::kIo, at, ": byte size of shape ",
+    RANKWISE_CHECK_CODE(bytes.has_value(), ErrorCode::kIo, at(), ": byte size of shape ",
                         shape_string(entry.shape), " in ", dtype_name(entry.dtype),
                         " overflows or is not a whole number of bytes");
 
-    const auto offsets_it = value.find("data_offsets");
-    RANKWISE_CHECK_CODE(
-        offsets_it != value.end() && offsets_it->is_array() && offsets_it->size() == 2 &&
-            json_non_negative_int((*offsets_it)[0], entry.begin) &&
-            json_non_negative_int((*offsets_it)[1], entry.end),
-        ErrorCode::kIo, at, ": data_offsets must be [begin, end], two non-negative integers");
-    RANKWISE_CHECK_CODE(entry.begin <= entry.end, ErrorCode::kIo, at, ": data_offsets begin ",
+    RANKWISE_CHECK_CODE(raw.has_offsets && raw.offsets_ok, ErrorCode::kIo, at(),
+                        ": data_offsets must be [begin, end], two non-negative integers");
+    entry.begin = raw.offsets[0];
+    entry.end = raw.offsets[1];
+    RANKWISE_CHECK_CODE(entry.begin <= entry.end, ErrorCode::kIo, at(), ": data_offsets begin ",
                         entry.begin, " is past end ", entry.end);
-    RANKWISE_CHECK_CODE(entry.end - entry.begin == *bytes, ErrorCode::kIo, at, ": data_offsets [",
+    RANKWISE_CHECK_CODE(entry.end - entry.begin == *bytes, ErrorCode::kIo, at(), ": data_offsets [",
                         entry.begin, ", ", entry.end, "] span ", entry.end - entry.begin,
                         " bytes but dtype ", dtype_name(entry.dtype), " and shape ",
                         shape_string(entry.shape), " need ", *bytes, " bytes");
+    entry.name = std::move(raw.name);
     out.entries.push_back(std::move(entry));
   }
 
@@ -522,17 +691,18 @@ inline ParsedHeader parse_header(const std::string& label, const std::string& te
   std::uint64_t expected = 0;
   const HeaderEntry* previous = nullptr;
   for (const auto& entry : out.entries) {
-    const std::string at = tensor_where(label, entry.name);
+    const auto at = [&] { return tensor_where(label, entry.name); };
     if (entry.begin < expected) {
-      RANKWISE_CHECK_CODE(false, ErrorCode::kIo, at, ": data_offsets [", entry.begin, ", ",
-                          entry.end, "] overlap tensor \"", previous->name, "\", which ends at ",
-                          expected);
+      RANKWISE_CHECK_CODE(false, ErrorCode::kIo, at(), ": data_offsets [", entry.begin, ", ",
+                          entry.end, "] overlap tensor \"", name_brief(previous->name),
+                          "\", which ends at ", expected);
     }
     if (entry.begin > expected) {
-      RANKWISE_CHECK_CODE(false, ErrorCode::kIo, at, ": data_offsets begin at ", entry.begin,
-                          ", leaving a hole of ", entry.begin - expected, " bytes after ",
-                          previous ? ::rankwise::detail::concat("tensor \"", previous->name, "\"")
-                                   : std::string("the start of the data section"));
+      RANKWISE_CHECK_CODE(
+          false, ErrorCode::kIo, at(), ": data_offsets begin at ", entry.begin,
+          ", leaving a hole of ", entry.begin - expected, " bytes after ",
+          previous ? ::rankwise::detail::concat("tensor \"", name_brief(previous->name), "\"")
+                   : std::string("the start of the data section"));
     }
     expected = entry.end;
     previous = &entry;

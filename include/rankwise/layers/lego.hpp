@@ -5,9 +5,11 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 #include "rankwise/backend/kernels_decl.hpp"
+#include "rankwise/core/checked_size.hpp"
 #include "rankwise/core/tensor_map.hpp"
 #include "rankwise/detail/owned_workspace.hpp"
 #include "rankwise/layers/rank_units.hpp"
@@ -28,10 +30,13 @@ class Lego {
     RANKWISE_CHECK(d_in > 0 && d_out > 0 && rank > 0,
                    "Lego: d_in, d_out and rank must be positive, got ", d_in, ", ", d_out, ", ",
                    rank);
-    a_.resize(rank * d_in);
-    bt_.resize(rank * d_out);
-    grad_a_.resize(rank * d_in);
-    grad_bt_.resize(rank * d_out);
+    RANKWISE_CHECK(rank <= std::numeric_limits<std::int32_t>::max(), "Lego: rank ", rank,
+                   " exceeds the int32 unit indices (max ",
+                   std::numeric_limits<std::int32_t>::max(), ")");
+    a_.resize(checked_elements(rank, d_in, "Lego: A (k x d_in)"));
+    bt_.resize(checked_elements(rank, d_out, "Lego: B (d_out x k)"));
+    grad_a_.resize(a_.size());
+    grad_bt_.resize(bt_.size());
     gates_.resize(rank);
     units_.resize(rank);
     std::vector<std::int32_t> all(static_cast<std::size_t>(rank));
@@ -62,6 +67,9 @@ class Lego {
 
   /// y (n x d_out) += Σ_j gate_j b_j (a_j · x) for x (n x d_in).
   void forward(MatrixView<const T> x, MatrixView<T> y, RankUnitPath path = RankUnitPath::kAuto) {
+    // Shapes first, so a bad x or y throws before the workspace grows for it.
+    check_view(x, "x (n x d_in)", x.rows, d_in_, Backend::kMemorySpace);
+    check_view(y, "y (n x d_out)", x.rows, d_out_, Backend::kMemorySpace);
     workspace_.reserve(rank_units_forward_workspace_bytes<T>(x.rows, rank_, rank_));
     rank_units_forward<Backend, T>(*ctx_, 1.0, x, a(), bt(), routing(x.rows), y, path,
                                    workspace_.data(), workspace_.bytes());
@@ -70,6 +78,8 @@ class Lego {
   /// Gradients wrt the merged units (for fine-tuning the merge) and x.
   void backward(MatrixView<const T> x, MatrixView<const T> dy, MatrixView<T> dx = {},
                 RankUnitPath path = RankUnitPath::kAuto) {
+    check_view(x, "x (n x d_in)", x.rows, d_in_, Backend::kMemorySpace);
+    check_view(dy, "dy (n x d_out)", x.rows, d_out_, Backend::kMemorySpace);
     workspace_.reserve(rank_units_backward_workspace_bytes<T>(x.rows, rank_, rank_));
     rank_units_backward<Backend, T>(*ctx_, 1.0, x, a(), bt(), routing(x.rows), dy, dx, grad_a(),
                                     grad_bt(), MatrixView<Acc>(), false, path, workspace_.data(),

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "rankwise/backend/kernels_decl.hpp"
+#include "rankwise/core/checked_size.hpp"
 #include "rankwise/core/lora_config.hpp"
 #include "rankwise/core/parameter.hpp"
 #include "rankwise/core/random.hpp"
@@ -27,15 +28,17 @@ class Lora {
  public:
   using Kernels = rankwise::Kernels<Backend, T>;
 
-  /// Allocates A and B (zero) and their gradients. Throws on an invalid config.
+  /// Allocates A and B (zero) and their gradients. Throws on an invalid
+  /// config, on sizes that overflow int64 (naming them) and, with
+  /// ErrorCode::kOutOfMemory, when an allocation fails.
   Lora(Context<Backend>& ctx, const LoraConfig& config)
       : ctx_(&ctx),
         config_(config),
-        scale_(config.scale()),
-        a_(config.rank * config.d_in),
-        bt_(config.rank * config.d_out),
-        grad_a_(config.rank * config.d_in),
-        grad_bt_(config.rank * config.d_out) {
+        scale_(config.scale()),  // validates config before any size is computed
+        a_(checked_elements(config.rank, config.d_in, "Lora: A (r x d_in)")),
+        bt_(checked_elements(config.rank, config.d_out, "Lora: B (d_out x r)")),
+        grad_a_(a_.size()),
+        grad_bt_(bt_.size()) {
     Kernels::fill(ctx, a(), 0.0);
     Kernels::fill(ctx, bt(), 0.0);
     zero_grad();
@@ -75,6 +78,9 @@ class Lora {
 
   /// y += s * B A x for the n rows of x (n x d_in); y is (n x d_out).
   void forward(MatrixView<const T> x, MatrixView<T> y) {
+    // Shapes first, so a bad x or y throws before the workspace grows for it.
+    check_view(x, "x (n x d_in)", x.rows, config_.d_in, Backend::kMemorySpace);
+    check_view(y, "y (n x d_out)", x.rows, config_.d_out, Backend::kMemorySpace);
     workspace_.reserve(lora_forward_workspace_bytes<T>(x.rows, config_.rank));
     lora_forward<Backend, T>(*ctx_, scale_, x, a(), bt(), y, workspace_.data(), workspace_.bytes());
   }
@@ -92,6 +98,8 @@ class Lora {
   /// dx (n x d_in), when given, receives += the adapter's part of ∂L/∂x.
   void backward(MatrixView<const T> x, MatrixView<const T> dy, MatrixView<T> dx = {},
                 bool accumulate = false) {
+    check_view(x, "x (n x d_in)", x.rows, config_.d_in, Backend::kMemorySpace);
+    check_view(dy, "dy (n x d_out)", x.rows, config_.d_out, Backend::kMemorySpace);
     workspace_.reserve(lora_backward_workspace_bytes<T>(x.rows, config_.rank));
     lora_backward<Backend, T>(*ctx_, scale_, x, a(), bt(), dy, dx, grad_a(), grad_bt(), accumulate,
                               workspace_.data(), workspace_.bytes());
@@ -128,7 +136,10 @@ class Lora {
     return {{"lora_A", a(), grad_a()}, {"lora_B_t", bt(), grad_bt()}};
   }
 
-  std::int64_t num_parameters() const { return config_.rank * (config_.d_in + config_.d_out); }
+  std::int64_t num_parameters() const {
+    return checked_mul(config_.rank, checked_add(config_.d_in, config_.d_out, "Lora parameters"),
+                       "Lora parameters");
+  }
 
  private:
   void check_base(const MatrixView<const T>& w0, WeightLayout layout) const {

@@ -11,6 +11,7 @@
 #include <cstdint>
 
 #include "rankwise/backend/kernels_decl.hpp"
+#include "rankwise/core/checked_size.hpp"
 #include "rankwise/core/error.hpp"
 #include "rankwise/core/lora_config.hpp"
 #include "rankwise/core/matrix_view.hpp"
@@ -19,15 +20,18 @@
 namespace rankwise {
 
 /// Workspace bytes lora_forward needs for n tokens at rank r: H = X Aᵀ (n x r).
+/// Throws rankwise::error naming n and r when the size overflows int64.
 template <class T>
 std::size_t lora_forward_workspace_bytes(std::int64_t n, std::int64_t rank) {
-  return workspace_block_bytes<T>(n, rank);
+  return workspace_block_bytes<T>(n, rank, "lora_forward workspace H (n x r)");
 }
 
-/// Workspace bytes lora_backward needs: H and dH (each n x r).
+/// Workspace bytes lora_backward needs: H and dH (each n x r); throws as the forward's.
 template <class T>
 std::size_t lora_backward_workspace_bytes(std::int64_t n, std::int64_t rank) {
-  return 2 * workspace_block_bytes<T>(n, rank);
+  return workspace_blocks_bytes(
+      2, workspace_block_bytes<T>(n, rank, "lora_backward workspace H, dH (n x r)"),
+      "lora_backward workspace H, dH (n x r)");
 }
 
 namespace detail {
@@ -42,6 +46,30 @@ void check_lora_factors(const char* fn, double scale, const MatrixView<const T>&
   check_view(bt, "bt (r x d_out)", a.rows, bt.cols, space);
 }
 
+// da and dbt are written while x, dy, a and bt are still to be read; dx is
+// written last, so only it may alias x or dy.
+template <class T>
+void check_lora_gradient_overlaps(const char* fn, const MatrixView<const T>& x,
+                                  const MatrixView<const T>& a, const MatrixView<const T>& bt,
+                                  const MatrixView<const T>& dy, const MatrixView<T>& dx,
+                                  const MatrixView<T>& da, const MatrixView<T>& dbt) {
+  auto against_inputs = [&](const MatrixView<T>& out, const char* name) {
+    check_no_overlap(fn, out, name, a, "a (r x d_in)");
+    check_no_overlap(fn, out, name, bt, "bt (r x d_out)");
+  };
+  against_inputs(dx, "dx (n x d_in)");
+  against_inputs(da, "da (r x d_in)");
+  against_inputs(dbt, "dbt (r x d_out)");
+  auto against_streams = [&](const MatrixView<T>& out, const char* name) {
+    check_no_overlap(fn, out, name, x, "x (n x d_in)");
+    check_no_overlap(fn, out, name, dy, "dy (n x d_out)");
+    check_no_overlap(fn, out, name, dx, "dx (n x d_in)");
+  };
+  against_streams(da, "da (r x d_in)");
+  against_streams(dbt, "dbt (r x d_out)");
+  check_no_overlap(fn, da, "da (r x d_in)", dbt, "dbt (r x d_out)");
+}
+
 }  // namespace detail
 
 /// y += scale * X Aᵀ B ᵀ for the n rows of x.
@@ -49,7 +77,9 @@ void check_lora_factors(const char* fn, double scale, const MatrixView<const T>&
 ///   backend's memory space. workspace: lora_forward_workspace_bytes<T>(n, r)
 ///   bytes, 256-byte aligned, same memory space.
 /// Throws rankwise::error on mismatched shapes, null data, wrong memory space,
-/// a non-finite scale or a short workspace, before any work is queued.
+/// a non-finite scale, a short workspace, sizes that overflow int64, or y
+/// sharing memory with a, bt or the workspace, before any work is queued. y
+/// may be x itself (x is read before y is written).
 template <class Backend, class T>
 void lora_forward(Context<Backend>& ctx, double scale, MatrixView<const T> x, MatrixView<const T> a,
                   MatrixView<const T> bt, MatrixView<T> y, void* workspace,
@@ -60,9 +90,15 @@ void lora_forward(Context<Backend>& ctx, double scale, MatrixView<const T> x, Ma
   detail::check_lora_factors<Backend, T>("lora_forward", scale, a, bt);
   check_view(x, "x (n x d_in)", x.rows, a.cols, space);
   check_view(y, "y (n x d_out)", x.rows, bt.cols, space);
+  check_no_overlap("lora_forward", y, "y (n x d_out)", a, "a (r x d_in)");
+  check_no_overlap("lora_forward", y, "y (n x d_out)", bt, "bt (r x d_out)");
   if (x.rows == 0) return;
   WorkspaceCarver carve(workspace, workspace_bytes, space, "lora_forward");
   MatrixView<T> h = carve.take<T>(x.rows, a.rows);  // (n, r)
+  carve.check_disjoint(x, "x (n x d_in)");
+  carve.check_disjoint(y, "y (n x d_out)");
+  carve.check_disjoint(a, "a (r x d_in)");
+  carve.check_disjoint(bt, "bt (r x d_out)");
   K::gemm(ctx, Acc(1), x, Op::kNoTrans, a, Op::kTrans, Acc(0), h);
   K::gemm(ctx, static_cast<Acc>(scale), h, Op::kNoTrans, bt, Op::kNoTrans, Acc(1), y);
 }
@@ -73,6 +109,9 @@ void lora_forward(Context<Backend>& ctx, double scale, MatrixView<const T> x, Ma
 ///   dx += dH A             (n x d_in), skipped when dx is empty
 /// da and dbt are overwritten, or added to when `accumulate` is true (several
 /// calls summing into one gradient). workspace: lora_backward_workspace_bytes.
+/// da and dbt must not overlap each other, an input, dx or the workspace; dx
+/// must not overlap a, bt, da, dbt or the workspace (checked, throws); dx may
+/// be x or dy (both are consumed before dx is written).
 template <class Backend, class T>
 void lora_backward(Context<Backend>& ctx, double scale, MatrixView<const T> x,
                    MatrixView<const T> a, MatrixView<const T> bt, MatrixView<const T> dy,
@@ -87,6 +126,7 @@ void lora_backward(Context<Backend>& ctx, double scale, MatrixView<const T> x,
   if (!dx.empty() || dx.data != nullptr) check_view(dx, "dx (n x d_in)", x.rows, a.cols, space);
   check_view(da, "da (r x d_in)", a.rows, a.cols, space);
   check_view(dbt, "dbt (r x d_out)", a.rows, bt.cols, space);
+  detail::check_lora_gradient_overlaps("lora_backward", x, a, bt, dy, dx, da, dbt);
   const Acc beta = accumulate ? Acc(1) : Acc(0);
   if (x.rows == 0) {
     if (!accumulate) {
@@ -98,6 +138,13 @@ void lora_backward(Context<Backend>& ctx, double scale, MatrixView<const T> x,
   WorkspaceCarver carve(workspace, workspace_bytes, space, "lora_backward");
   MatrixView<T> h = carve.take<T>(x.rows, a.rows);   // (n, r)
   MatrixView<T> dh = carve.take<T>(x.rows, a.rows);  // (n, r)
+  carve.check_disjoint(x, "x (n x d_in)");
+  carve.check_disjoint(a, "a (r x d_in)");
+  carve.check_disjoint(bt, "bt (r x d_out)");
+  carve.check_disjoint(dy, "dy (n x d_out)");
+  carve.check_disjoint(dx, "dx (n x d_in)");
+  carve.check_disjoint(da, "da (r x d_in)");
+  carve.check_disjoint(dbt, "dbt (r x d_out)");
   const auto s = static_cast<Acc>(scale);
   K::gemm(ctx, Acc(1), x, Op::kNoTrans, a, Op::kTrans, Acc(0), h);
   K::gemm(ctx, s, dy, Op::kNoTrans, bt, Op::kTrans, Acc(0), dh);
@@ -118,9 +165,14 @@ void lora_merge(Context<Backend>& ctx, double scale, MatrixView<const T> a, Matr
   const auto s = static_cast<Acc>(sign * scale);
   if (layout == WeightLayout::kOutIn) {
     check_view(w0, "w0 (d_out x d_in)", bt.cols, a.cols, Backend::kMemorySpace);
-    K::gemm(ctx, s, bt, Op::kTrans, a, Op::kNoTrans, Acc(1), w0);
   } else {
     check_view(w0, "w0 (d_in x d_out), fan_in_fan_out", a.cols, bt.cols, Backend::kMemorySpace);
+  }
+  check_no_overlap("lora_merge", w0, "w0", a, "a (r x d_in)");
+  check_no_overlap("lora_merge", w0, "w0", bt, "bt (r x d_out)");
+  if (layout == WeightLayout::kOutIn) {
+    K::gemm(ctx, s, bt, Op::kTrans, a, Op::kNoTrans, Acc(1), w0);
+  } else {
     K::gemm(ctx, s, a, Op::kTrans, bt, Op::kNoTrans, Acc(1), w0);
   }
 }
@@ -138,6 +190,8 @@ void base_forward(Context<Backend>& ctx, MatrixView<const T> x, MatrixView<const
              w0.cols, space);
   check_view(x, "x (n x d_in)", x.rows, d_in, space);
   check_view(y, "y (n x d_out)", x.rows, d_out, space);
+  check_no_overlap("base_forward", y, "y (n x d_out)", x, "x (n x d_in)");
+  check_no_overlap("base_forward", y, "y (n x d_out)", w0, "w0");
   Kernels<Backend, T>::gemm(ctx, Acc(1), x, Op::kNoTrans, w0, out_in ? Op::kTrans : Op::kNoTrans,
                             Acc(0), y);
 }

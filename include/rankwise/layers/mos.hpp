@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "rankwise/backend/kernels_decl.hpp"
+#include "rankwise/core/checked_size.hpp"
 #include "rankwise/core/shard_config.hpp"
 #include "rankwise/core/shard_indices.hpp"
 #include "rankwise/detail/owned_workspace.hpp"
@@ -49,8 +50,15 @@ class Mos {
     const ShardPoolConfig& pc = pool.config();
     RANKWISE_CHECK(layer >= 0 && layer < pc.num_layers, "Mos: layer ", layer,
                    " is outside [0, L = ", pc.num_layers, ")");
+    config_.validate(pc);
+    // Every size the layer allocates later, checked once here: the index
+    // lists (r · l) and the assembled A (r x d_in) and B (d_out x r).
+    const std::int64_t q =
+        checked_mul(config_.rank, pc.shards_per_vector, "Mos: index lists r · l");
+    checked_elements(config_.rank, pc.d_in, "Mos: assembled A (r x d_in)");
+    checked_elements(config_.rank, pc.d_out, "Mos: assembled B (d_out x r)");
     check_shard_indices(pc, config_, indices_);
-    const std::int64_t r = config_.rank, l = pc.shards_per_vector, q = r * l;
+    const std::int64_t r = config_.rank, l = pc.shards_per_vector;
     list_a_.resize(q);
     list_b_.resize(q);
     pattern_a_.resize(q);
@@ -86,6 +94,8 @@ class Mos {
   /// y (n x d_out) += (alpha / r) · B A x for x (n x d_in).
   void forward(MatrixView<const T> x, MatrixView<T> y) {
     check_io(x, y, "y (n x d_out)");
+    check_no_overlap("Mos::forward", y, "y (n x d_out)", pool_->a(), "the pool's A shards");
+    check_no_overlap("Mos::forward", y, "y (n x d_out)", pool_->b(), "the pool's B shards");
     const std::int64_t n = x.rows, r = config_.rank;
     if (n == 0) return;
     if (path_for(n) == ShardPath::kAssembled) {
@@ -112,6 +122,7 @@ class Mos {
     if (!dx.empty() || dx.data != nullptr) {
       check_view(dx, "dx (n x d_in)", x.rows, x.cols, Backend::kMemorySpace);
     }
+    check_pool_overlaps(x, dy, dx);
     const ShardPoolConfig& pc = pool_->config();
     const std::int64_t n = x.rows, r = config_.rank, l = pc.shards_per_vector;
     if (n == 0) return;
@@ -175,6 +186,22 @@ class Mos {
     check_view(y, y_name, x.rows, pc.d_out, Backend::kMemorySpace);
   }
 
+  // The pool's gradients are written while x, dy and the shards are read, and
+  // dx while the shards are: none of them may share memory.
+  void check_pool_overlaps(const MatrixView<const T>& x, const MatrixView<const T>& dy,
+                           const MatrixView<T>& dx) {
+    constexpr const char* fn = "Mos::backward";
+    auto against_streams = [&](const MatrixView<T>& grad, const char* name) {
+      check_no_overlap(fn, grad, name, x, "x (n x d_in)");
+      check_no_overlap(fn, grad, name, dy, "dy (n x d_out)");
+      check_no_overlap(fn, grad, name, dx, "dx (n x d_in)");
+    };
+    against_streams(pool_->grad_a(), "the pool's grad_a");
+    against_streams(pool_->grad_b(), "the pool's grad_b");
+    check_no_overlap(fn, dx, "dx (n x d_in)", pool_->a(), "the pool's A shards");
+    check_no_overlap(fn, dx, "dx (n x d_in)", pool_->b(), "the pool's B shards");
+  }
+
   // Columns [c · width, (c + 1) · width) of m: chunk c of every row.
   template <class U>
   static MatrixView<U> chunk_of(const MatrixView<U>& m, std::int64_t c, std::int64_t width) {
@@ -223,7 +250,8 @@ class Mos {
 
   MatrixView<Acc> scratch(std::int64_t n, int which) {
     Buffer<Backend, Acc>& b = which == 1 ? h_ : dh_;
-    if (b.size() < n * config_.rank) b.resize(n * config_.rank);
+    const std::int64_t size = checked_elements(n, config_.rank, "Mos: scratch (n x r)");
+    if (b.size() < size) b.resize(size);
     return MatrixView<Acc>(b.data(), n, config_.rank, Backend::kMemorySpace);
   }
 

@@ -3,9 +3,11 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 #include "rankwise/backend/kernels_decl.hpp"
+#include "rankwise/core/checked_size.hpp"
 #include "rankwise/core/parameter.hpp"
 #include "rankwise/core/random.hpp"
 #include "rankwise/core/shard_config.hpp"
@@ -24,10 +26,12 @@ class ShardPool {
   ShardPool(Context<Backend>& ctx, const ShardPoolConfig& config)
       : ctx_(&ctx),
         config_(validated(config)),
-        a_(config.num_shards() * config.shard_in()),
-        b_(config.num_shards() * config.shard_out()),
-        grad_a_(config.num_shards() * config.shard_in()),
-        grad_b_(config.num_shards() * config.shard_out()) {
+        a_(checked_elements(config.num_shards(), config.shard_in(),
+                            "ShardPool: A shards (M x d_in/l)")),
+        b_(checked_elements(config.num_shards(), config.shard_out(),
+                            "ShardPool: B shards (M x d_out/l)")),
+        grad_a_(a_.size()),
+        grad_b_(b_.size()) {
     Kernels::fill(ctx, a(), 0.0);
     Kernels::fill(ctx, b(), 0.0);
     zero_grad();
@@ -62,8 +66,18 @@ class ShardPool {
   std::int64_t equivalent_rank() const { return config_.equivalent_rank; }
 
  private:
+  // Validates c and its shard count M = v · L · l, which must fit the int32
+  // shard indices, before num_shards() is used in any size.
   static const ShardPoolConfig& validated(const ShardPoolConfig& c) {
     c.validate();
+    const std::int64_t shards =
+        checked_mul(checked_mul(c.equivalent_rank, c.num_layers, "ShardPool: M = v · L · l"),
+                    c.shards_per_vector, "ShardPool: M = v · L · l");
+    RANKWISE_CHECK(shards <= std::numeric_limits<std::int32_t>::max(),
+                   "ShardPool: M = v · L · l = ", c.equivalent_rank, " · ", c.num_layers, " · ",
+                   c.shards_per_vector, " = ", shards,
+                   " shards exceeds the int32 shard indices (max ",
+                   std::numeric_limits<std::int32_t>::max(), ")");
     return c;
   }
 

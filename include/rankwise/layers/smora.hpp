@@ -7,9 +7,11 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "rankwise/backend/kernels_decl.hpp"
+#include "rankwise/core/checked_size.hpp"
 #include "rankwise/core/parameter.hpp"
 #include "rankwise/core/random.hpp"
 #include "rankwise/core/router_config.hpp"
@@ -36,6 +38,12 @@ struct SmoraConfig {
   /// Weight of the Switch auxiliary loss added in backward (0 = off; SMoRA
   /// balances with the bias instead).
   double aux_loss_coef = 0.0;
+  /// Train the balance bias by gradient too (parameters() then holds "bias"),
+  /// on top of the sign rule, as the reference code does: PEFT's set_adapter
+  /// turns requires_grad on for every adapter tensor, lora_biases included.
+  /// The default is the paper's sign rule only. Needs T = accumulator_t<T>
+  /// (float or double storage), since the bias is kept in the accumulator type.
+  bool train_bias = false;
 
   std::int64_t rank() const { return router.num_units; }
   double scale() const { return alpha / static_cast<double>(router.top_k); }
@@ -47,6 +55,10 @@ struct SmoraConfig {
     RANKWISE_CHECK(std::isfinite(alpha), "SmoraConfig.alpha must be finite, got ", alpha);
     RANKWISE_CHECK(std::isfinite(aux_loss_coef) && aux_loss_coef >= 0.0,
                    "SmoraConfig.aux_loss_coef must be finite and >= 0, got ", aux_loss_coef);
+    RANKWISE_CHECK(aux_loss_coef == 0.0 || !router.bias_per_rank, "SmoraConfig.aux_loss_coef = ",
+                   aux_loss_coef,
+                   ": the Switch auxiliary loss is defined over experts and cannot be combined "
+                   "with router.bias_per_rank");
   }
 };
 
@@ -56,7 +68,8 @@ enum class Mode { kInference, kTraining };
 /// y += (alpha / k) · Σ_{i ∈ top-k ranks} gate_i · b_i (a_i · x).
 ///
 /// Parameters: A (r x d_in), B (d_out x r; stored transposed), router W_r
-/// (E x d_in), balance bias b (E, not trained). T and Backend as for Lora.
+/// (E x d_in), balance bias b (C = E, or r with router.bias_per_rank; trained
+/// only with train_bias). T and Backend as for Lora.
 /// backward() uses the routing of the last training forward, so call them in
 /// pairs on the same x.
 template <class T, class Backend>
@@ -68,22 +81,26 @@ class Smora {
   Smora(Context<Backend>& ctx, const SmoraConfig& config)
       : ctx_(&ctx),
         config_(validated(config)),
-        a_(rank() * config.d_in),
-        bt_(rank() * config.d_out),
-        wr_(experts() * config.d_in),
-        bias_(experts()),
-        routed_bias_(experts()),
-        grad_a_(rank() * config.d_in),
-        grad_bt_(rank() * config.d_out),
-        grad_wr_(experts() * config.d_in),
-        counts_(experts()) {
+        a_(checked_elements(rank(), config.d_in, "Smora: A (r x d_in)")),
+        bt_(checked_elements(rank(), config.d_out, "Smora: B (d_out x r)")),
+        wr_(checked_elements(experts(), config.d_in, "Smora: router W_r (E x d_in)")),
+        bias_(choices()),
+        routed_bias_(choices()),
+        grad_a_(a_.size()),
+        grad_bt_(bt_.size()),
+        grad_wr_(wr_.size()),
+        grad_bias_(config.train_bias ? choices() : 0),
+        counts_(choices()) {
+    RANKWISE_CHECK(!config_.train_bias || (std::is_same<T, Acc>::value),
+                   "SmoraConfig.train_bias needs float or double storage: the balance bias is "
+                   "kept in the accumulator type and trained as such");
     Kernels::fill(ctx, a(), 0.0);
     Kernels::fill(ctx, bt(), 0.0);
     Kernels::fill(ctx, wr(), 0.0);
     rankwise::Kernels<Backend, Acc>::fill(ctx, bias(), 0.0);
     // Counting no tokens zeroes the counts, so update_bias() before any forward is a no-op.
-    Kernels::count_experts(ctx, detail::prefix(experts_, 0, config_.router.experts_per_token()), {},
-                           counts_.view(1, experts()));
+    Kernels::count_experts(ctx, detail::prefix(experts_, 0, config_.router.choices_per_token()), {},
+                           counts_.view(1, choices()));
     zero_grad();
   }
 
@@ -93,6 +110,8 @@ class Smora {
   double scale() const { return config_.scale(); }
   std::int64_t rank() const { return config_.rank(); }
   std::int64_t experts() const { return config_.router.num_experts(); }
+  /// What top-k selects: experts (default) or ranks (router.bias_per_rank).
+  std::int64_t choices() const { return config_.router.num_choices(); }
   std::int64_t top_k() const { return config_.router.top_k; }
 
   /// A and W_r ~ U(±1/sqrt(d_in)), B = 0, bias = 0; same seed, same bits on
@@ -147,7 +166,7 @@ class Smora {
     RANKWISE_CHECK(x.rows == routed_tokens_, "Smora::backward: x has ", x.rows,
                    " tokens but the last forward routed ", routed_tokens_);
     const std::int64_t n = x.rows;
-    detail::grow(dgates_, n * top_k());
+    detail::grow(dgates_, checked_elements(n, top_k(), "Smora: dgates (n x k)"));
     workspace_.reserve(std::max(rank_units_backward_workspace_bytes<T>(n, top_k(), rank()),
                                 router_backward_workspace_bytes<T>(n, config_.router)));
     MatrixView<Acc> dgates = detail::prefix(dgates_, n, top_k());
@@ -155,14 +174,15 @@ class Smora {
                                     grad_a(), grad_bt(), dgates, accumulate, config_.path,
                                     workspace_.data(), workspace_.bytes());
     router_backward<Backend, T>(*ctx_, config_.router, x, wr(), routed_bias(), mask_, routing(),
-                                dgates, config_.aux_loss_coef, dx, grad_wr(), accumulate,
+                                dgates, config_.aux_loss_coef, dx, grad_wr(),
+                                config_.train_bias ? grad_bias() : MatrixView<Acc>(), accumulate,
                                 workspace_.data(), workspace_.bytes());
   }
 
   /// Loss-free balancing with the counts of the last forward:
-  /// b_e += u · sign(mean(c) − c_e).
+  /// b_c += u · sign(mean(counts) − c_c), per choice.
   void update_bias() {
-    router_update_bias<Backend, T>(*ctx_, config_.router, counts_.view(1, experts()), bias());
+    router_update_bias<Backend, T>(*ctx_, config_.router, counts_.view(1, choices()), bias());
   }
 
   /// The routing of the last forward (backend memory). The mask given to a
@@ -173,29 +193,41 @@ class Smora {
     Kernels::fill(*ctx_, grad_a(), 0.0);
     Kernels::fill(*ctx_, grad_bt(), 0.0);
     Kernels::fill(*ctx_, grad_wr(), 0.0);
+    if (config_.train_bias) rankwise::Kernels<Backend, Acc>::fill(*ctx_, grad_bias(), 0.0);
   }
 
   /// Internal-layout views.
   MatrixView<T> a() { return a_.view(rank(), config_.d_in); }
   MatrixView<T> bt() { return bt_.view(rank(), config_.d_out); }
   MatrixView<T> wr() { return wr_.view(experts(), config_.d_in); }
-  MatrixView<Acc> bias() { return bias_.view(1, experts()); }
+  MatrixView<Acc> bias() { return bias_.view(1, choices()); }
   /// The bias the last forward routed with (before its balancing step).
-  MatrixView<Acc> routed_bias() { return routed_bias_.view(1, experts()); }
+  MatrixView<Acc> routed_bias() { return routed_bias_.view(1, choices()); }
+  /// ∂L/∂bias of the last backward (empty unless train_bias).
+  MatrixView<Acc> grad_bias() {
+    return config_.train_bias ? grad_bias_.view(1, choices()) : MatrixView<Acc>();
+  }
   MatrixView<T> grad_a() { return grad_a_.view(rank(), config_.d_in); }
   MatrixView<T> grad_bt() { return grad_bt_.view(rank(), config_.d_out); }
   MatrixView<T> grad_wr() { return grad_wr_.view(experts(), config_.d_in); }
 
-  /// Trainable tensors: "lora_A", "lora_B_t", "router". The bias is state, not trained.
+  /// Trainable tensors: "lora_A", "lora_B_t", "router", and "bias" with
+  /// train_bias (otherwise the bias is state, moved by the sign rule only).
   std::vector<ParameterRef<T>> parameters() {
-    return {{"lora_A", a(), grad_a()}, {"lora_B_t", bt(), grad_bt()}, {"router", wr(), grad_wr()}};
+    std::vector<ParameterRef<T>> out{
+        {"lora_A", a(), grad_a()}, {"lora_B_t", bt(), grad_bt()}, {"router", wr(), grad_wr()}};
+    if constexpr (std::is_same<T, Acc>::value) {
+      if (config_.train_bias) out.push_back({"bias", bias(), grad_bias()});
+    }
+    return out;
   }
   std::int64_t num_parameters() const {
-    return rank() * (config_.d_in + config_.d_out) + experts() * config_.d_in;
+    return rank() * (config_.d_in + config_.d_out) + experts() * config_.d_in +
+           (config_.train_bias ? choices() : 0);
   }
 
   /// State in PEFT layout: "lora_A" (r x d_in), "lora_B" (d_out x r),
-  /// "router" (E x d_in), "bias" (E).
+  /// "router" (E x d_in), "bias" (C: E, or r with a per-rank bias).
   TensorMap state() {
     TensorMap out;
     out["lora_A"] = download(a(), {rank(), config_.d_in});
@@ -208,7 +240,7 @@ class Smora {
     }
     out["lora_B"] = std::move(b);
     out["router"] = download(wr(), {experts(), config_.d_in});
-    HostTensor bias_host{{experts()}, std::vector<double>(experts())};
+    HostTensor bias_host{{choices()}, std::vector<double>(choices())};
     rankwise::Kernels<Backend, Acc>::download_doubles(*ctx_, bias(), bias_host.values.data());
     out["bias"] = std::move(bias_host);
     return out;
@@ -219,7 +251,7 @@ class Smora {
     const HostTensor& a_in = require_tensor(map, "lora_A", {rank(), config_.d_in});
     const HostTensor& b_in = require_tensor(map, "lora_B", {config_.d_out, rank()});
     const HostTensor& wr_in = require_tensor(map, "router", {experts(), config_.d_in});
-    const HostTensor& bias_in = require_tensor(map, "bias", {experts()});
+    const HostTensor& bias_in = require_tensor(map, "bias", {choices()});
     std::vector<double> bt_values(b_in.values.size());
     for (std::int64_t o = 0; o < config_.d_out; ++o) {
       for (std::int64_t i = 0; i < rank(); ++i) {
@@ -240,17 +272,20 @@ class Smora {
 
   RoutingBuffers<Acc> routing_views(std::int64_t n) {
     return {detail::prefix(scores_, n, experts()),
-            detail::prefix(experts_, n, config_.router.experts_per_token()),
+            detail::prefix(experts_, n, config_.router.choices_per_token()),
             detail::prefix(units_, n, top_k()), detail::prefix(gates_, n, top_k()),
-            counts_.view(1, experts())};
+            counts_.view(1, choices())};
   }
 
   void route(MatrixView<const T> x, TokenMask mask) {
+    // x first, so a bad or huge x throws before any buffer grows for it.
+    check_view(x, "x (n x d_in)", x.rows, config_.d_in, Backend::kMemorySpace);
     const std::int64_t n = x.rows;
-    detail::grow(scores_, n * experts());
-    detail::grow(experts_, n * config_.router.experts_per_token());
-    detail::grow(units_, n * top_k());
-    detail::grow(gates_, n * top_k());
+    detail::grow(scores_, checked_elements(n, experts(), "Smora: routing scores (n x E)"));
+    detail::grow(experts_, checked_elements(n, config_.router.choices_per_token(),
+                                            "Smora: routing experts (n x k/g)"));
+    detail::grow(units_, checked_elements(n, top_k(), "Smora: routing units (n x k)"));
+    detail::grow(gates_, checked_elements(n, top_k(), "Smora: routing gates (n x k)"));
     routed_tokens_ = -1;  // set once the routing is complete
     workspace_.reserve(router_forward_workspace_bytes<T>(n, config_.router));
     router_forward<Backend, T>(*ctx_, config_.router, x, wr(), bias(), mask, routing_views(n),
@@ -269,14 +304,15 @@ class Smora {
   Buffer<Backend, T> a_;                   // (r, d_in)
   Buffer<Backend, T> bt_;                  // (r, d_out)
   Buffer<Backend, T> wr_;                  // (E, d_in)
-  Buffer<Backend, Acc> bias_;              // (E)
-  Buffer<Backend, Acc> routed_bias_;       // (E) the bias of the last forward
+  Buffer<Backend, Acc> bias_;              // (C)
+  Buffer<Backend, Acc> routed_bias_;       // (C) the bias of the last forward
   Buffer<Backend, T> grad_a_;              // (r, d_in)
   Buffer<Backend, T> grad_bt_;             // (r, d_out)
   Buffer<Backend, T> grad_wr_;             // (E, d_in)
-  Buffer<Backend, std::int32_t> counts_;   // (E)
+  Buffer<Backend, Acc> grad_bias_;         // (C) with train_bias, else empty
+  Buffer<Backend, std::int32_t> counts_;   // (C)
   Buffer<Backend, Acc> scores_;            // (n, E)
-  Buffer<Backend, std::int32_t> experts_;  // (n, k/g)
+  Buffer<Backend, std::int32_t> experts_;  // (n, choices per token)
   Buffer<Backend, std::int32_t> units_;    // (n, k)
   Buffer<Backend, Acc> gates_;             // (n, k)
   Buffer<Backend, Acc> dgates_;            // (n, k)

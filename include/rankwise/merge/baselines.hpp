@@ -41,6 +41,22 @@ inline LoraFactors merge_sum(const MergeInput& in, const std::string& module = "
 
 namespace detail {
 
+// A merged rank k is refused above max(d_in, d_out): past min(d_in, d_out)
+// (and past the sources' total rank) the result is only zero padding, and an
+// unchecked k sizes two dense k x d allocations (k = 10^9 asks for gigabytes).
+inline void check_merged_rank(const char* method, const MergeInput& in, std::int64_t k,
+                              const std::string& module) {
+  const std::int64_t d_in = in.sources.front().d_in(), d_out = in.sources.front().d_out();
+  std::int64_t total = 0;
+  for (const auto& f : in.sources) total += f.rank();
+  const std::int64_t limit = std::max(d_in, d_out);
+  RANKWISE_CHECK(k <= limit, method, " merge of module '", module, "': rank k = ", k,
+                 " exceeds max(d_in, d_out) = ", limit, " (d_out x d_in = ", d_out, " x ", d_in,
+                 "); the sources' total rank is ", total,
+                 " and a rank above min(d_in, d_out) = ", std::min(d_in, d_out),
+                 " only adds zero units");
+}
+
 // Thin QR: m = Q R with Q (rows x c) orthonormal, R (c x cols), c = min(rows, cols).
 inline void thin_qr(const Eigen::MatrixXd& m, Eigen::MatrixXd& q, Eigen::MatrixXd& r) {
   const Eigen::Index c = std::min(m.rows(), m.cols());
@@ -68,9 +84,12 @@ inline LoraFactors factors_from_svd(const Eigen::MatrixXd& u, const Eigen::Vecto
 
 /// Best rank-k approximation (Eckart–Young) of Σ_t w_t ΔW_t, computed from the
 /// factors: B_cat = Q_b R_b, A_catᵀ = Q_a R_a, SVD of the small R_b R_aᵀ, so no
-/// d_out x d_in matrix is ever formed. Result zero-padded to rank k.
+/// d_out x d_in matrix is ever formed. Result zero-padded to rank k; throws
+/// rankwise::error naming the sizes when k > max(d_in, d_out).
 inline LoraFactors merge_svd(const MergeInput& in, std::int64_t k, const std::string& module = "") {
   RANKWISE_CHECK(k >= 1, "svd merge of module '", module, "': rank k must be >= 1, got ", k);
+  detail::check_merge_input(in, module);
+  detail::check_merged_rank("svd", in, k, module);
   const LoraFactors sum = merge_sum(in, module);
   const Eigen::HouseholderQR<Eigen::MatrixXd> qr_b(sum.b), qr_a(sum.a.transpose());
   const Eigen::Index cb = std::min(sum.b.rows(), sum.b.cols());
@@ -162,11 +181,13 @@ inline LoraFactors truncated_svd(const Eigen::MatrixXd& m, std::int64_t k, std::
 /// TIES (Yadav et al. 2023) with PEFT's semantics on ΔW_t = s_t B_t A_t: trim
 /// each to `density` by magnitude, elect the sign per entry (sum of the
 /// trimmed values, or count of signs), average the weighted values that agree
-/// with it; then rank k by SVD. Works on d_out x d_in matrices.
+/// with it; then rank k by SVD. Works on d_out x d_in matrices; k as for
+/// merge_svd (at most max(d_in, d_out)).
 inline LoraFactors merge_ties(const MergeInput& in, std::int64_t k, const TiesOptions& options,
                               const std::string& module = "") {
   detail::check_merge_input(in, module);
   RANKWISE_CHECK(k >= 1, "ties merge of module '", module, "': rank k must be >= 1, got ", k);
+  detail::check_merged_rank("ties", in, k, module);
   RANKWISE_CHECK(options.density > 0.0 && options.density <= 1.0, "ties merge of module '", module,
                  "': density must be in (0, 1], got ", options.density);
   std::vector<Eigen::MatrixXd> trimmed;

@@ -23,6 +23,8 @@ namespace merge {
 
 /// A GramFunction that computes U Uᵀ on the device of `ctx` (which must
 /// outlive it): the units go up once, one DSYRK, the n x n result comes back.
+/// No kernel of rankwise's own: the launch geometry is cuBLAS's; the handle's
+/// settings are held for the call as for every rankwise cuBLAS call.
 /// Host transfers are inherent here: clustering runs on the host. Calls from
 /// several merge threads are serialised on the context's stream.
 inline GramFunction cuda_gram(CudaContext& ctx) {
@@ -36,6 +38,8 @@ inline GramFunction cuda_gram(CudaContext& ctx) {
     // Row-major U (n x d) is column-major Uᵀ (d x n), and G = (Uᵀ)ᵀ Uᵀ. DSYRK
     // fills G's column-major upper triangle, which read row-major is the lower.
     const double one = 1.0, zero = 0.0;
+    const detail::cuda::ScopedCublasSettings settings(
+        ctx.handle(), detail::cuda::rankwise_blas_settings(ctx.stream()));
     RANKWISE_CUBLAS_CHECK(cublasDsyrk_64(ctx.handle(), CUBLAS_FILL_MODE_UPPER, CUBLAS_OP_T, n, d,
                                          &one, u.data(), d, &zero, g.data(), n));
     RANKWISE_CUDA_CHECK(cudaMemcpyAsync(gram, g.data(), sizeof(double) * n * n,

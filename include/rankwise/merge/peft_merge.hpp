@@ -2,6 +2,8 @@
 // checked, merged with merge_modules, and written back as a plain PEFT LoRA.
 #pragma once
 
+#include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -29,31 +31,77 @@ inline LoraFactors factors_of(const io::LoraModule& m) {
   return f;
 }
 
+inline std::size_t count_non_finite(const std::vector<double>& values) {
+  std::size_t n = 0;
+  for (const double v : values) n += std::isfinite(v) ? 0 : 1;
+  return n;
+}
+
+// "adapter 1 (\"path\")", or "adapter 1" without labels.
+inline std::string adapter_label(const std::vector<std::string>& labels, std::size_t t) {
+  if (t < labels.size()) return ::rankwise::detail::concat("adapter ", t, " (\"", labels[t], "\")");
+  return ::rankwise::detail::concat("adapter ", t);
+}
+
+// Refuses an adapter holding NaN or infinity, naming the first tensor (in
+// module order) with the count, and how many of the adapter's tensors are
+// affected: published adapters exist whose every value is NaN.
+inline void check_finite(const io::PeftAdapter& adapter, const std::vector<std::string>& labels,
+                         std::size_t t) {
+  std::string first;
+  std::size_t first_count = 0, first_total = 0, bad_tensors = 0;
+  for (const auto& m : adapter.modules) {
+    for (int is_b = 0; is_b < 2; ++is_b) {
+      const HostTensor& values = is_b ? m.b : m.a;
+      const std::size_t bad = count_non_finite(values.values);
+      if (bad == 0) continue;
+      if (bad_tensors++ == 0) {
+        first =
+            ::rankwise::detail::concat(io::detail::kPeftKeyPrefix, io::detail::name_brief(m.name),
+                                       is_b ? io::detail::kPeftBSuffix : io::detail::kPeftASuffix);
+        first_count = bad;
+        first_total = values.values.size();
+      }
+    }
+  }
+  RANKWISE_CHECK(bad_tensors == 0, "merge: ", adapter_label(labels, t), ": tensor \"", first,
+                 "\" holds ", first_count, " non-finite values (NaN or infinity) of ", first_total,
+                 "; ", bad_tensors, " of the adapter's ", 2 * adapter.modules.size(),
+                 " tensors hold some. The adapter is unusable; refusing to merge it");
+}
+
 }  // namespace detail
 
 /// The modules of `adapters`, paired by name: names[i] with inputs[i] (one
-/// source per adapter, in order, weighted by `weights` or 1). Throws
-/// rankwise::error naming the module when the adapters differ in their module
-/// sets, a module's d_in or d_out, or fan_in_fan_out.
+/// source per adapter, in order, weighted by `weights` or 1). `labels` (the
+/// adapters' paths, optional) name them in errors. Throws rankwise::error
+/// naming the module when the adapters differ in their module sets, a
+/// module's d_in or d_out, or fan_in_fan_out, and naming the adapter, the
+/// tensor and the count when an adapter holds non-finite values.
 inline void collect_modules(const std::vector<io::PeftAdapter>& adapters,
                             const std::vector<double>& weights, std::vector<std::string>& names,
-                            std::vector<MergeInput>& inputs) {
+                            std::vector<MergeInput>& inputs,
+                            const std::vector<std::string>& labels = {}) {
   RANKWISE_CHECK(!adapters.empty(), "merge: no adapters given");
+  for (std::size_t t = 0; t < adapters.size(); ++t) detail::check_finite(adapters[t], labels, t);
   RANKWISE_CHECK(weights.empty() || weights.size() == adapters.size(), "merge: ", weights.size(),
                  " weights for ", adapters.size(), " adapters");
   const io::PeftAdapter& first = adapters.front();
   for (std::size_t t = 1; t < adapters.size(); ++t) {
     const io::PeftAdapter& other = adapters[t];
-    RANKWISE_CHECK(other.fan_in_fan_out == first.fan_in_fan_out, "merge: adapter ", t,
-                   " has fan_in_fan_out = ", other.fan_in_fan_out, " but adapter 0 has ",
-                   first.fan_in_fan_out);
+    RANKWISE_CHECK(other.fan_in_fan_out == first.fan_in_fan_out,
+                   "merge: ", detail::adapter_label(labels, t),
+                   " has fan_in_fan_out = ", other.fan_in_fan_out, " but ",
+                   detail::adapter_label(labels, 0), " has ", first.fan_in_fan_out);
     for (const auto& m : first.modules) {
-      RANKWISE_CHECK(other.find_module(m.name) != nullptr, "merge: module '", m.name,
-                     "' is in adapter 0 but not in adapter ", t);
+      RANKWISE_CHECK(other.find_module(m.name) != nullptr, "merge: module '", m.name, "' is in ",
+                     detail::adapter_label(labels, 0), " but not in ",
+                     detail::adapter_label(labels, t));
     }
     for (const auto& m : other.modules) {
-      RANKWISE_CHECK(first.find_module(m.name) != nullptr, "merge: module '", m.name,
-                     "' is in adapter ", t, " but not in adapter 0");
+      RANKWISE_CHECK(first.find_module(m.name) != nullptr, "merge: module '", m.name, "' is in ",
+                     detail::adapter_label(labels, t), " but not in ",
+                     detail::adapter_label(labels, 0));
     }
   }
   names.clear();
@@ -64,8 +112,9 @@ inline void collect_modules(const std::vector<io::PeftAdapter>& adapters,
     for (std::size_t t = 0; t < adapters.size(); ++t) {
       const io::LoraModule& mine = *adapters[t].find_module(m.name);
       RANKWISE_CHECK(mine.d_in() == m.d_in() && mine.d_out() == m.d_out(), "merge: module '",
-                     m.name, "' is (d_out x d_in) = (", mine.d_out(), " x ", mine.d_in(),
-                     ") in adapter ", t, " but (", m.d_out(), " x ", m.d_in(), ") in adapter 0");
+                     m.name, "' is (d_out x d_in) = (", mine.d_out(), " x ", mine.d_in(), ") in ",
+                     detail::adapter_label(labels, t), " but (", m.d_out(), " x ", m.d_in(),
+                     ") in ", detail::adapter_label(labels, 0));
       in.sources.push_back(detail::factors_of(mine));
     }
     names.push_back(m.name);

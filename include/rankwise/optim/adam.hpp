@@ -9,6 +9,7 @@
 
 #include "rankwise/backend/kernels_decl.hpp"
 #include "rankwise/core/adam_rule.hpp"
+#include "rankwise/core/checked_size.hpp"
 #include "rankwise/core/error.hpp"
 #include "rankwise/core/parameter.hpp"
 
@@ -50,7 +51,8 @@ class Adam {
     for (const auto& p : params_) {
       check_view(p.value, "parameter value", p.value.rows, p.value.cols, Backend::kMemorySpace);
       check_view(p.grad, "parameter grad", p.value.rows, p.value.cols, Backend::kMemorySpace);
-      moments_.push_back(std::make_unique<Moments>(p.value.rows * p.value.cols));
+      moments_.push_back(std::make_unique<Moments>(
+          checked_elements(p.value.rows, p.value.cols, "Adam: moments of a parameter")));
       AccKernels::fill(ctx, moments_.back()->m.view(p.value.rows, p.value.cols), 0.0);
       AccKernels::fill(ctx, moments_.back()->v.view(p.value.rows, p.value.cols), 0.0);
     }

@@ -40,7 +40,7 @@ class Buffer<CudaBackend, T> {
     release();
     if (size > 0) {
       void* p = nullptr;
-      RANKWISE_CUDA_CHECK(cudaMalloc(&p, static_cast<std::size_t>(size) * sizeof(T)));
+      RANKWISE_CUDA_CHECK(cudaMalloc(&p, checked_bytes(size, sizeof(T), "Buffer<CudaBackend>")));
       data_ = static_cast<T*>(p);
     }
     size_ = size;

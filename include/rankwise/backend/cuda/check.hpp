@@ -12,8 +12,9 @@ namespace cuda {
 
 inline void check_cuda(cudaError_t status, const char* call, const char* file, int line) {
   if (status != cudaSuccess) {
+    // A failed allocation is reported as such, so callers can tell it apart.
     throw_error(
-        ErrorCode::kCuda, file, line,
+        status == cudaErrorMemoryAllocation ? ErrorCode::kOutOfMemory : ErrorCode::kCuda, file, line,
         concat(call, " failed: ", cudaGetErrorName(status), ": ", cudaGetErrorString(status)));
   }
 }

@@ -12,8 +12,10 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
+#include "rankwise/backend/cuda/blas_state.hpp"
 #include "rankwise/backend/cuda/buffer.hpp"
 #include "rankwise/backend/cuda/check.hpp"
 #include "rankwise/backend/cuda/context.hpp"
@@ -31,8 +33,7 @@ template <class T>
 __global__ void fill_kernel(T* data, std::int64_t rows, std::int64_t cols, std::int64_t ld,
                             float value) {
   const T v = Element<T>::from_float(value);
-  for (std::int64_t e = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; e < rows * cols;
-       e += std::int64_t(gridDim.x) * blockDim.x) {
+  for (std::int64_t e = thread_start(); e < rows * cols; e += thread_step()) {
     data[(e / cols) * ld + e % cols] = v;
   }
 }
@@ -41,8 +42,7 @@ __global__ void fill_kernel(T* data, std::int64_t rows, std::int64_t cols, std::
 template <class T>
 __global__ void fill_uniform_kernel(T* data, std::int64_t rows, std::int64_t cols, std::int64_t ld,
                                     double lo, double hi, std::uint64_t seed) {
-  for (std::int64_t e = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; e < rows * cols;
-       e += std::int64_t(gridDim.x) * blockDim.x) {
+  for (std::int64_t e = thread_start(); e < rows * cols; e += thread_step()) {
     const float v = static_cast<float>(uniform(seed, static_cast<std::uint64_t>(e), lo, hi));
     data[(e / cols) * ld + e % cols] = Element<T>::from_float(v);
   }
@@ -51,40 +51,52 @@ __global__ void fill_uniform_kernel(T* data, std::int64_t rows, std::int64_t col
 template <class T>
 __global__ void scale_kernel(T* data, std::int64_t rows, std::int64_t cols, std::int64_t ld,
                              float beta) {
-  for (std::int64_t e = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; e < rows * cols;
-       e += std::int64_t(gridDim.x) * blockDim.x) {
+  for (std::int64_t e = thread_start(); e < rows * cols; e += thread_step()) {
     T& x = data[(e / cols) * ld + e % cols];
     x = Element<T>::from_float(beta * Element<T>::to_float(x));
   }
 }
 
 // dst (rows x cols) = srcᵀ through a shared-memory tile, so both the read and
-// the write are coalesced. The tile index arithmetic is TransposeTiling's.
+// the write are coalesced. The tile index arithmetic is TransposeTiling's; the
+// grid strides over tiles in both directions.
 template <class T>
 __global__ void transpose_kernel(const T* src, std::int64_t src_ld, T* dst, std::int64_t rows,
                                  std::int64_t cols, std::int64_t dst_ld) {
   __shared__ T tile[TransposeTiling::kTile][TransposeTiling::kTile + 1];
+  static_assert(sizeof(tile) <= LaunchLimits::kMaxStaticSharedBytes,
+                "the transpose tile fits in static shared memory");
   const TransposeTiling tiling{rows, cols};
-  const std::int64_t tile_col = tiling.tile_col(blockIdx.x);
   for (std::int64_t by = blockIdx.y; by < tiling.tiles_down(); by += gridDim.y) {
     const std::int64_t tile_row = tiling.tile_row(by);
-    // Read: src is (cols x rows); thread (x, y) reads src[tile_col + y][tile_row + x].
-    for (int y = threadIdx.y; y < TransposeTiling::kTile; y += blockDim.y) {
-      const std::int64_t r = tile_col + y, c = tile_row + threadIdx.x;
-      if (r < cols && c < rows) tile[y][threadIdx.x] = src[r * src_ld + c];
+    for (std::int64_t bx = blockIdx.x; bx < tiling.tiles_across(); bx += gridDim.x) {
+      const std::int64_t tile_col = tiling.tile_col(bx);
+      // Read: src is (cols x rows); thread (x, y) reads src[tile_col + y][tile_row + x].
+      for (int y = threadIdx.y; y < TransposeTiling::kTile; y += blockDim.y) {
+        const std::int64_t r = tile_col + y, c = tile_row + threadIdx.x;
+        if (r < cols && c < rows) tile[y][threadIdx.x] = src[r * src_ld + c];
+      }
+      __syncthreads();
+      for (int y = threadIdx.y; y < TransposeTiling::kTile; y += blockDim.y) {
+        const std::int64_t r = tile_row + y, c = tile_col + threadIdx.x;
+        if (r < rows && c < cols) dst[r * dst_ld + c] = tile[threadIdx.x][y];
+      }
+      __syncthreads();  // the tile is reused by the next tile
     }
-    __syncthreads();
-    for (int y = threadIdx.y; y < TransposeTiling::kTile; y += blockDim.y) {
-      const std::int64_t r = tile_row + y, c = tile_col + threadIdx.x;
-      if (r < rows && c < cols) dst[r * dst_ld + c] = tile[threadIdx.x][y];
-    }
-    __syncthreads();  // the tile is reused by the next tile row
   }
 }
 
-inline unsigned grid_for(std::int64_t elements, int block) {
-  // Grid-stride loops cover the rest; 65535 keeps the grid within every limit.
-  return static_cast<unsigned>(std::min<std::int64_t>(ceil_div(elements, block), 65535));
+// A grid computed in int64 (core/tiling.hpp) becomes a dim3 only once it is
+// known to be within CUDA's limits, so no size wraps when narrowed.
+inline dim3 to_dim3(const GridSize& g, const char* kernel) {
+  RANKWISE_CHECK(g.within_limits(), kernel, ": grid (", g.x, ", ", g.y, ", ", g.z,
+                 ") is outside CUDA's limits (x <= 2^31 - 1, y, z <= 65535)");
+  return dim3(static_cast<unsigned>(g.x), static_cast<unsigned>(g.y), static_cast<unsigned>(g.z));
+}
+
+// Blocks for a grid-stride kernel over `items` (StrideLoop: capped at 65535).
+inline dim3 stride_grid(std::int64_t items, std::int64_t per_block, const char* kernel) {
+  return to_dim3(StrideLoop{items, per_block}.grid(), kernel);
 }
 
 // cuBLAS requires ld >= max(1, rows of its column-major matrix) even for a
@@ -104,7 +116,8 @@ struct Kernels<CudaBackend, T> {
   static constexpr int kBlock = 256;
 
   // Row-major C = op(A) op(B) is column-major Cᵀ = op(B)ᵀ op(A)ᵀ, so cuBLAS
-  // gets B first. Accumulates in fp32 (CUBLAS_COMPUTE_32F: no TF32 for float).
+  // gets B first. Accumulates in fp32 (CUBLAS_COMPUTE_32F, with the handle's
+  // math mode held at the default for the call: no TF32 for float).
   static void gemm(Ctx& ctx, Acc alpha, MatrixView<const T> a, Op op_a, MatrixView<const T> b,
                    Op op_b, Acc beta, MatrixView<T> c) {
     if (c.empty()) return;
@@ -113,19 +126,14 @@ struct Kernels<CudaBackend, T> {
       if (beta != 1.0f) scale(ctx, c, beta);
       return;
     }
-    using detail::cuda::blas_ld;
-    RANKWISE_CUBLAS_CHECK(
-        cublasGemmEx_64(ctx.handle(), op_b == Op::kNoTrans ? CUBLAS_OP_N : CUBLAS_OP_T,
-                        op_a == Op::kNoTrans ? CUBLAS_OP_N : CUBLAS_OP_T, c.cols, c.rows, inner,
-                        &alpha, b.data, Elem::kDataType, blas_ld(b.ld, b.cols), a.data,
-                        Elem::kDataType, blas_ld(a.ld, a.cols), &beta, c.data, Elem::kDataType,
-                        blas_ld(c.ld, c.cols), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    blas_gemm(ctx, alpha, a.data, Elem::kDataType, a.ld, a.cols, op_a, b.data, Elem::kDataType,
+              b.ld, b.cols, op_b, beta, c.data, Elem::kDataType, c.ld, c.rows, c.cols, inner);
   }
 
   static void fill(Ctx& ctx, MatrixView<T> m, double value) {
     if (m.empty()) return;
     detail::cuda::fill_kernel<T>
-        <<<detail::cuda::grid_for(m.size(), kBlock), kBlock, 0, ctx.stream()>>>(
+        <<<detail::cuda::stride_grid(m.size(), kBlock, "fill"), kBlock, 0, ctx.stream()>>>(
             m.data, m.rows, m.cols, m.ld, static_cast<float>(value));
     RANKWISE_CUDA_LAUNCH_CHECK();
   }
@@ -133,7 +141,7 @@ struct Kernels<CudaBackend, T> {
   static void fill_uniform(Ctx& ctx, MatrixView<T> m, double lo, double hi, std::uint64_t seed) {
     if (m.empty()) return;
     detail::cuda::fill_uniform_kernel<T>
-        <<<detail::cuda::grid_for(m.size(), kBlock), kBlock, 0, ctx.stream()>>>(
+        <<<detail::cuda::stride_grid(m.size(), kBlock, "fill_uniform"), kBlock, 0, ctx.stream()>>>(
             m.data, m.rows, m.cols, m.ld, lo, hi, seed);
     RANKWISE_CUDA_LAUNCH_CHECK();
   }
@@ -145,8 +153,8 @@ struct Kernels<CudaBackend, T> {
       return;
     }
     detail::cuda::scale_kernel<T>
-        <<<detail::cuda::grid_for(m.size(), kBlock), kBlock, 0, ctx.stream()>>>(m.data, m.rows,
-                                                                                m.cols, m.ld, beta);
+        <<<detail::cuda::stride_grid(m.size(), kBlock, "scale"), kBlock, 0, ctx.stream()>>>(
+            m.data, m.rows, m.cols, m.ld, beta);
     RANKWISE_CUDA_LAUNCH_CHECK();
   }
 
@@ -159,10 +167,8 @@ struct Kernels<CudaBackend, T> {
           cudaMemcpyDeviceToDevice, ctx.stream()));
       return;
     }
-    const TransposeTiling tiling{dst.rows, dst.cols};
-    // Grid y is capped at 65535; the kernel strides over further tile rows.
-    const dim3 grid(static_cast<unsigned>(tiling.tiles_across()),
-                    static_cast<unsigned>(std::min<std::int64_t>(tiling.tiles_down(), 65535)));
+    // Both grid dimensions are capped; the kernel strides over further tiles.
+    const dim3 grid = detail::cuda::to_dim3(TransposeTiling{dst.rows, dst.cols}.grid(), "copy");
     const dim3 block(TransposeTiling::kTile, TransposeTiling::kRowsPerPass);
     detail::cuda::transpose_kernel<T>
         <<<grid, block, 0, ctx.stream()>>>(src.data, src.ld, dst.data, dst.rows, dst.cols, dst.ld);
@@ -208,12 +214,48 @@ struct Kernels<CudaBackend, T> {
       Kernels<CudaBackend, float>::scale(ctx, c, beta);
       return;
     }
-    using detail::cuda::blas_ld;
-    RANKWISE_CUBLAS_CHECK(cublasGemmEx_64(
-        ctx.handle(), op_b == Op::kNoTrans ? CUBLAS_OP_N : CUBLAS_OP_T,
-        op_a == Op::kNoTrans ? CUBLAS_OP_N : CUBLAS_OP_T, c.cols, c.rows, inner, &alpha, b.data,
-        Elem::kDataType, blas_ld(b.ld, b.cols), a.data, Elem::kDataType, blas_ld(a.ld, a.cols),
-        &beta, c.data, CUDA_R_32F, blas_ld(c.ld, c.cols), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    blas_gemm(ctx, alpha, a.data, Elem::kDataType, a.ld, a.cols, op_a, b.data, Elem::kDataType,
+              b.ld, b.cols, op_b, beta, c.data, CUDA_R_32F, c.ld, c.rows, c.cols, inner);
+  }
+
+  /// c = alpha op(a) op(b) + beta c with a in fp32. cuBLAS has no GEMM whose
+  /// operands differ in type (cublasGemmEx pairs 16F with 16F, 32F with 32F,
+  /// and 32F inputs only with a 32F output), so for T narrower than float the
+  /// columns of c go in panels of kGemmMixedPanel: that panel of op(b) and of
+  /// c are widened into scratch (exactly), one fp32 GEMM runs, and the panel
+  /// of c is rounded back to T once. a is never rounded to T.
+  static void gemm_mixed(Ctx& ctx, Acc alpha, MatrixView<const Acc> a, Op op_a,
+                         MatrixView<const T> b, Op op_b, Acc beta, MatrixView<T> c,
+                         MatrixView<Acc> scratch) {
+    if constexpr (std::is_same<T, Acc>::value) {
+      gemm(ctx, alpha, a, op_a, b, op_b, beta, c);
+    } else {
+      if (c.empty()) return;
+      const std::int64_t inner = op_a == Op::kNoTrans ? a.cols : a.rows;
+      if (inner == 0 || alpha == 0.0f) {
+        if (beta != 1.0f) scale(ctx, c, beta);
+        return;
+      }
+      const std::int64_t need = gemm_mixed_scratch<T>(c.rows, inner);
+      RANKWISE_CHECK(scratch.size() >= need && scratch.data != nullptr,
+                     "gemm_mixed: scratch holds ", scratch.size(), " elements, needs ", need,
+                     " (gemm_mixed_scratch)");
+      constexpr std::int64_t kPanel = kGemmMixedPanel;
+      Acc* b_panel = scratch.data;                   // op(b) columns: (inner x w) or (w x inner)
+      Acc* c_panel = scratch.data + inner * kPanel;  // (c.rows x w), 256-byte aligned
+      for (std::int64_t j0 = 0; j0 < c.cols; j0 += kPanel) {
+        const std::int64_t w = std::min(kPanel, c.cols - j0);
+        // op(b)'s columns j0.. are b's columns (kNoTrans) or b's rows (kTrans).
+        const bool by_cols = op_b == Op::kNoTrans;
+        const std::int64_t b_rows = by_cols ? inner : w, b_cols = by_cols ? w : inner;
+        const T* b_src = by_cols ? b.data + j0 : b.data + j0 * b.ld;
+        convert(ctx, b_src, b.ld, b_rows, b_cols, b_panel, b_cols);
+        if (beta != 0.0f) convert(ctx, c.data + j0, c.ld, c.rows, w, c_panel, w);
+        blas_gemm(ctx, alpha, a.data, CUDA_R_32F, a.ld, a.cols, op_a, b_panel, CUDA_R_32F, b_cols,
+                  b_cols, op_b, beta, c_panel, CUDA_R_32F, w, c.rows, w, inner);
+        convert(ctx, static_cast<const Acc*>(c_panel), w, c.rows, w, c.data + j0, c.ld);
+      }
+    }
   }
 
   static void route(Ctx& ctx, const RoutingRule& rule, MatrixView<const Acc> logits,
@@ -233,13 +275,21 @@ struct Kernels<CudaBackend, T> {
                              MatrixView<const Acc> bias, MatrixView<const std::int32_t> experts,
                              MatrixView<const Acc> dgates, MatrixView<const Acc> extra,
                              MatrixView<const std::uint8_t> mask, MatrixView<Acc> scratch,
-                             MatrixView<T> dlogits) {
+                             MatrixView<T> dlogits, MatrixView<Acc> dbias = {}) {
     const std::int64_t n = scores.rows;
     if (n == 0) return;
     detail::cuda::route_backward_kernel<T><<<blocks(n), kBlock, 0, ctx.stream()>>>(
         rule, n, scores.data, scores.ld, bias.empty() ? nullptr : bias.data, experts.data,
         experts.ld, dgates.data, dgates.ld, extra.empty() ? nullptr : extra.data,
-        mask.empty() ? nullptr : mask.data, scratch.data, scratch.ld, dlogits.data, dlogits.ld);
+        mask.empty() ? nullptr : mask.data, scratch.data, scratch.ld, dlogits.data, dlogits.ld,
+        dbias.empty() ? nullptr : dbias.data, dbias.ld, ctx.device_errors());
+    RANKWISE_CUDA_LAUNCH_CHECK();
+  }
+
+  static void sum_rows(Ctx& ctx, MatrixView<const Acc> m, Acc beta, MatrixView<Acc> out) {
+    if (out.cols == 0) return;
+    detail::cuda::sum_rows_kernel<<<blocks(out.cols), kBlock, 0, ctx.stream()>>>(
+        m.rows, m.cols, m.data, m.ld, beta, out.data);
     RANKWISE_CUDA_LAUNCH_CHECK();
   }
 
@@ -250,7 +300,7 @@ struct Kernels<CudaBackend, T> {
     if (experts.empty()) return;
     detail::cuda::count_experts_kernel<<<blocks(experts.size()), kBlock, 0, ctx.stream()>>>(
         experts.rows, static_cast<int>(experts.cols), experts.data, experts.ld,
-        mask.empty() ? nullptr : mask.data, counts.data);
+        mask.empty() ? nullptr : mask.data, counts.data, counts.cols, ctx.device_errors());
     RANKWISE_CUDA_LAUNCH_CHECK();
   }
 
@@ -263,7 +313,8 @@ struct Kernels<CudaBackend, T> {
 
   static void aux_loss_grad(Ctx& ctx, MatrixView<const std::int32_t> counts, int experts_per_token,
                             Acc coefficient, MatrixView<Acc> extra) {
-    detail::cuda::aux_loss_grad_kernel<<<blocks(counts.cols), kBlock, 0, ctx.stream()>>>(
+    detail::cuda::aux_loss_grad_kernel<<<
+        detail::cuda::stride_grid(counts.cols, kBlock, "aux_loss_grad"), kBlock, 0, ctx.stream()>>>(
         counts.data, static_cast<int>(counts.cols), experts_per_token, coefficient, extra.data);
     RANKWISE_CUDA_LAUNCH_CHECK();
   }
@@ -272,7 +323,8 @@ struct Kernels<CudaBackend, T> {
                           MatrixView<std::int32_t> bad) {
     RANKWISE_CUDA_CHECK(cudaMemsetAsync(bad.data, 0, sizeof(std::int32_t), ctx.stream()));
     if (units.empty()) return;
-    detail::cuda::check_units_kernel<<<blocks(units.size()), kBlock, 0, ctx.stream()>>>(
+    detail::cuda::check_units_kernel<<<
+        detail::cuda::stride_grid(units.size(), kBlock, "check_units"), kBlock, 0, ctx.stream()>>>(
         units.rows, units.cols, units.data, units.ld, num_units, bad.data);
     RANKWISE_CUDA_LAUNCH_CHECK();
   }
@@ -281,20 +333,23 @@ struct Kernels<CudaBackend, T> {
                          MatrixView<const std::int32_t> units, MatrixView<Acc> out,
                          Acc beta = 0.0f) {
     if (units.empty()) return;
-    const std::int64_t threads = units.size() * detail::cuda::kWarp;
-    detail::cuda::gather_dot_kernel<T><<<blocks(threads), kBlock, 0, ctx.stream()>>>(
-        alpha, units.rows, units.cols, x.cols, x.data, x.ld, w.data, w.ld, units.data, units.ld,
-        out.data, out.ld, beta);
+    // One warp per (token, slot), warps striding over the pairs.
+    detail::cuda::gather_dot_kernel<T>
+        <<<detail::cuda::stride_grid(units.size(), kBlock / detail::cuda::kWarp, "gather_dot"),
+           kBlock, 0, ctx.stream()>>>(alpha, units.rows, units.cols, x.cols, x.data, x.ld, w.data,
+                                      w.ld, w.rows, units.data, units.ld, out.data, out.ld, beta,
+                                      ctx.device_errors());
     RANKWISE_CUDA_LAUNCH_CHECK();
   }
 
   static void gather_axpy(Ctx& ctx, Acc alpha, MatrixView<const Acc> coef, MatrixView<const T> w,
                           MatrixView<const std::int32_t> units, MatrixView<T> y) {
     if (units.empty() || y.empty()) return;
+    // One block per token, blocks striding over the tokens.
     detail::cuda::gather_axpy_kernel<T>
-        <<<static_cast<unsigned>(units.rows), kBlock, 0, ctx.stream()>>>(
-            alpha, units.cols, y.cols, coef.data, coef.ld, w.data, w.ld, units.data, units.ld,
-            y.data, y.ld);
+        <<<detail::cuda::stride_grid(units.rows, 1, "gather_axpy"), kBlock, 0, ctx.stream()>>>(
+            alpha, units.rows, units.cols, y.cols, coef.data, coef.ld, w.data, w.ld, w.rows,
+            units.data, units.ld, y.data, y.ld, ctx.device_errors());
     RANKWISE_CUDA_LAUNCH_CHECK();
   }
 
@@ -303,27 +358,30 @@ struct Kernels<CudaBackend, T> {
     if (out.empty()) return;
     if (units.ld == 0 && units.rows > 1) {
       if (beta != 1.0f) scale(ctx, out, beta);
-      const dim3 grid(static_cast<unsigned>(ceil_div(out.cols, kBlock)),
-                      static_cast<unsigned>(units.cols));
+      // Rows of the grid are the k slots; RowTileGrid caps them at 65535.
+      const dim3 grid =
+          detail::cuda::to_dim3(RowTileGrid{units.cols, out.cols, kBlock}.grid(), "scatter_axpy");
       detail::cuda::scatter_axpy_broadcast_kernel<T><<<grid, kBlock, 0, ctx.stream()>>>(
           alpha, units.rows, units.cols, out.cols, coef.data, coef.ld, src.data, src.ld, units.data,
-          out.data, out.ld);
+          out.data, out.ld, out.rows, ctx.device_errors());
       RANKWISE_CUDA_LAUNCH_CHECK();
       return;
     }
-    const dim3 grid(static_cast<unsigned>(ceil_div(out.cols, kBlock)),
-                    static_cast<unsigned>(out.rows));
+    // Rows of the grid are out's rows (a MoS pool may have more than 65535).
+    const dim3 grid =
+        detail::cuda::to_dim3(RowTileGrid{out.rows, out.cols, kBlock}.grid(), "scatter_axpy");
     detail::cuda::scatter_axpy_kernel<T><<<grid, kBlock, 0, ctx.stream()>>>(
         alpha, units.rows, units.cols, out.cols, coef.data, coef.ld, src.data, src.ld, units.data,
-        units.ld, beta, out.data, out.ld);
+        units.ld, beta, out.data, out.ld, out.rows, ctx.device_errors());
     RANKWISE_CUDA_LAUNCH_CHECK();
   }
 
   static void hadamard(Ctx& ctx, MatrixView<const Acc> a, MatrixView<const Acc> b,
                        MatrixView<Acc> out) {
     if (out.empty()) return;
-    detail::cuda::hadamard_kernel<<<blocks(out.size()), kBlock, 0, ctx.stream()>>>(
-        out.rows, out.cols, a.data, a.ld, b.data, b.ld, out.data, out.ld);
+    detail::cuda::hadamard_kernel<<<detail::cuda::stride_grid(out.size(), kBlock, "hadamard"),
+                                    kBlock, 0, ctx.stream()>>>(out.rows, out.cols, a.data, a.ld,
+                                                               b.data, b.ld, out.data, out.ld);
     RANKWISE_CUDA_LAUNCH_CHECK();
   }
 
@@ -331,39 +389,47 @@ struct Kernels<CudaBackend, T> {
                       MatrixView<Acc> dense) {
     if (dense.empty()) return;
     Kernels<CudaBackend, float>::fill(ctx, dense, 0.0);
-    detail::cuda::densify_kernel<<<blocks(units.rows), kBlock, 0, ctx.stream()>>>(
-        units.rows, units.cols, units.data, units.ld, values.data, values.ld, dense.data, dense.ld);
+    if (units.empty()) return;
+    detail::cuda::densify_kernel<<<detail::cuda::stride_grid(units.rows, kBlock, "densify"), kBlock,
+                                   0, ctx.stream()>>>(units.rows, units.cols, units.data, units.ld,
+                                                      values.data, values.ld, dense.data, dense.ld,
+                                                      dense.cols, ctx.device_errors());
     RANKWISE_CUDA_LAUNCH_CHECK();
   }
 
   static void gather_cols(Ctx& ctx, MatrixView<const T> dense, MatrixView<const std::int32_t> units,
                           MatrixView<Acc> out) {
     if (units.empty()) return;
-    detail::cuda::gather_cols_kernel<T><<<blocks(units.size()), kBlock, 0, ctx.stream()>>>(
-        units.rows, units.cols, dense.data, dense.ld, units.data, units.ld, out.data, out.ld);
+    detail::cuda::gather_cols_kernel<T>
+        <<<detail::cuda::stride_grid(units.size(), kBlock, "gather_cols"), kBlock, 0,
+           ctx.stream()>>>(units.rows, units.cols, dense.data, dense.ld, dense.cols, units.data,
+                           units.ld, out.data, out.ld, ctx.device_errors());
     RANKWISE_CUDA_LAUNCH_CHECK();
   }
 
   static void scale_by(Ctx& ctx, MatrixView<const Acc> factors, MatrixView<T> m) {
     if (m.empty()) return;
-    detail::cuda::scale_by_kernel<T><<<blocks(m.size()), kBlock, 0, ctx.stream()>>>(
-        m.rows, m.cols, factors.data, factors.ld, m.data, m.ld);
+    detail::cuda::scale_by_kernel<T>
+        <<<detail::cuda::stride_grid(m.size(), kBlock, "scale_by"), kBlock, 0, ctx.stream()>>>(
+            m.rows, m.cols, factors.data, factors.ld, m.data, m.ld);
     RANKWISE_CUDA_LAUNCH_CHECK();
   }
 
   static void sum_squares(Ctx& ctx, MatrixView<const T> m, MatrixView<Acc> out) {
     if (m.empty()) return;
-    detail::cuda::sum_squares_kernel<T>
-        <<<1, 1024, 0, ctx.stream()>>>(m.rows, m.cols, m.data, m.ld, out.data);
+    // One block (a fixed reduction order); 1024 threads, 4 KB of static shared memory.
+    detail::cuda::sum_squares_kernel<T><<<1, detail::cuda::kSumSquaresThreads, 0, ctx.stream()>>>(
+        m.rows, m.cols, m.data, m.ld, out.data);
     RANKWISE_CUDA_LAUNCH_CHECK();
   }
 
   static void adam(Ctx& ctx, const AdamStep& step, MatrixView<T> param, MatrixView<const T> grad,
                    MatrixView<Acc> m, MatrixView<Acc> v, MatrixView<const Acc> norm_sq) {
     if (param.empty()) return;
-    detail::cuda::adam_kernel<T><<<blocks(param.size()), kBlock, 0, ctx.stream()>>>(
-        step, param.rows, param.cols, param.data, param.ld, grad.data, grad.ld, m.data, m.ld,
-        v.data, v.ld, norm_sq.empty() ? nullptr : norm_sq.data);
+    detail::cuda::adam_kernel<T>
+        <<<detail::cuda::stride_grid(param.size(), kBlock, "adam"), kBlock, 0, ctx.stream()>>>(
+            step, param.rows, param.cols, param.data, param.ld, grad.data, grad.ld, m.data, m.ld,
+            v.data, v.ld, norm_sq.empty() ? nullptr : norm_sq.data);
     RANKWISE_CUDA_LAUNCH_CHECK();
   }
 
@@ -405,8 +471,42 @@ struct Kernels<CudaBackend, T> {
   static bool prefer_assembled_shards(std::int64_t n) { return n >= 64; }
 
  private:
+  // One thread per item, no stride loop (the routing kernels): the grid must
+  // hold every item; ItemGrid says whether it can (core/tiling.hpp).
   static unsigned blocks(std::int64_t threads) {
-    return static_cast<unsigned>(ceil_div(threads, kBlock));
+    const ItemGrid g{threads, kBlock};
+    RANKWISE_CHECK(g.fits(), "CUDA launch over ", threads, " items needs ", g.blocks(),
+                   " blocks, more than the grid's 2^31 - 1");
+    return static_cast<unsigned>(g.blocks());
+  }
+
+  // dst (rows x cols) = src element by element, between T and float.
+  template <class From, class To>
+  static void convert(Ctx& ctx, const From* src, std::int64_t src_ld, std::int64_t rows,
+                      std::int64_t cols, To* dst, std::int64_t dst_ld) {
+    if (rows * cols == 0) return;
+    detail::cuda::convert_kernel<From, To>
+        <<<detail::cuda::stride_grid(rows * cols, kBlock, "convert"), kBlock, 0, ctx.stream()>>>(
+            rows, cols, src, src_ld, dst, dst_ld);
+    RANKWISE_CUDA_LAUNCH_CHECK();
+  }
+
+  // One cuBLAS GEMM of row-major views (pointer, type, ld, cols): c (m x n) =
+  // alpha op(a) op(b) + beta c, inner dimension k. The handle's settings are
+  // held at what rankwise needs for the call and restored after it.
+  static void blas_gemm(Ctx& ctx, float alpha, const void* a, cudaDataType_t a_type,
+                        std::int64_t a_ld, std::int64_t a_cols, Op op_a, const void* b,
+                        cudaDataType_t b_type, std::int64_t b_ld, std::int64_t b_cols, Op op_b,
+                        float beta, void* c, cudaDataType_t c_type, std::int64_t c_ld,
+                        std::int64_t m, std::int64_t n, std::int64_t k) {
+    using detail::cuda::blas_ld;
+    const detail::cuda::ScopedCublasSettings settings(
+        ctx.handle(), detail::cuda::rankwise_blas_settings(ctx.stream()));
+    RANKWISE_CUBLAS_CHECK(
+        cublasGemmEx_64(ctx.handle(), op_b == Op::kNoTrans ? CUBLAS_OP_N : CUBLAS_OP_T,
+                        op_a == Op::kNoTrans ? CUBLAS_OP_N : CUBLAS_OP_T, n, m, k, &alpha, b,
+                        b_type, blas_ld(b_ld, b_cols), a, a_type, blas_ld(a_ld, a_cols), &beta, c,
+                        c_type, blas_ld(c_ld, n), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
   }
 };
 

@@ -6,10 +6,10 @@
 #include <cstdint>
 #include <cstdlib>
 #include <memory>
-#include <new>
 
 #include "rankwise/backend/eigen/context.hpp"
 #include "rankwise/backend/tags.hpp"
+#include "rankwise/core/checked_size.hpp"
 #include "rankwise/core/error.hpp"
 #include "rankwise/core/numeric.hpp"
 #include "rankwise/core/workspace.hpp"
@@ -22,16 +22,21 @@ class Buffer<CpuBackend, T> {
   Buffer() = default;
   explicit Buffer(std::int64_t size) { resize(size); }
 
-  /// Reallocates to `size` elements; contents are not preserved.
+  /// Reallocates to `size` elements; contents are not preserved. Throws
+  /// rankwise::error: kInvalidArgument for a negative size or one whose bytes
+  /// overflow int64, kOutOfMemory naming the bytes when the allocation fails.
   void resize(std::int64_t size) {
     RANKWISE_CHECK(size >= 0, "Buffer: size must be non-negative, got ", size);
     if (size == size_) return;
+    const std::size_t bytes =
+        checked_align_up(checked_bytes(size, sizeof(T), "Buffer"), kAlignment, "Buffer");
     data_.reset();
     size_ = 0;
     if (size > 0) {
-      const std::size_t bytes = align_up(static_cast<std::size_t>(size) * sizeof(T), kAlignment);
       void* p = std::aligned_alloc(kAlignment, bytes);
-      if (p == nullptr) throw std::bad_alloc();
+      RANKWISE_CHECK_CODE(p != nullptr, ErrorCode::kOutOfMemory,
+                          "Buffer: out of memory allocating ", bytes, " bytes (", size,
+                          " elements of ", sizeof(T), " bytes)");
       data_.reset(static_cast<T*>(p));
     }
     size_ = size;
@@ -43,13 +48,13 @@ class Buffer<CpuBackend, T> {
 
   /// The buffer as a contiguous rows x cols matrix; rows * cols must equal size().
   MatrixView<T> view(std::int64_t rows, std::int64_t cols) {
-    RANKWISE_CHECK(rows * cols == size_, "Buffer::view: shape (", rows, " x ", cols,
-                   ") does not match ", size_, " elements");
+    RANKWISE_CHECK(checked_elements(rows, cols, "Buffer::view") == size_, "Buffer::view: shape (",
+                   rows, " x ", cols, ") does not match ", size_, " elements");
     return host_view(data(), rows, cols);
   }
   MatrixView<const T> view(std::int64_t rows, std::int64_t cols) const {
-    RANKWISE_CHECK(rows * cols == size_, "Buffer::view: shape (", rows, " x ", cols,
-                   ") does not match ", size_, " elements");
+    RANKWISE_CHECK(checked_elements(rows, cols, "Buffer::view") == size_, "Buffer::view: shape (",
+                   rows, " x ", cols, ") does not match ", size_, " elements");
     return host_view(data(), rows, cols);
   }
 

@@ -13,6 +13,7 @@
 #include "rankwise/core/adam_rule.hpp"
 #include "rankwise/core/random.hpp"
 #include "rankwise/core/routing.hpp"
+#include "rankwise/core/unit_index.hpp"
 
 namespace rankwise {
 namespace detail {
@@ -124,6 +125,12 @@ struct Kernels<CpuBackend, T> {
     gemm(ctx, alpha, a, op_a, b, op_b, beta, c);  // T is Acc on the CPU
   }
 
+  static void gemm_mixed(Ctx& ctx, Acc alpha, MatrixView<const Acc> a, Op op_a,
+                         MatrixView<const T> b, Op op_b, Acc beta, MatrixView<T> c,
+                         MatrixView<Acc> /*scratch*/) {
+    gemm(ctx, alpha, a, op_a, b, op_b, beta, c);  // T is Acc on the CPU: the plain product
+  }
+
   static void route(Ctx&, const RoutingRule& rule, MatrixView<const Acc> logits,
                     MatrixView<const Acc> bias, MatrixView<Acc> scores,
                     MatrixView<std::int32_t> experts, MatrixView<std::int32_t> units,
@@ -143,13 +150,22 @@ struct Kernels<CpuBackend, T> {
                              MatrixView<const Acc> bias, MatrixView<const std::int32_t> experts,
                              MatrixView<const Acc> dgates, MatrixView<const Acc> extra,
                              MatrixView<const std::uint8_t> mask, MatrixView<Acc> /*scratch*/,
-                             MatrixView<T> dlogits) {
+                             MatrixView<T> dlogits, MatrixView<Acc> dbias = {}) {
     const Acc* b = bias.empty() ? nullptr : bias.data;
     for (std::int64_t n = 0; n < scores.rows; ++n) {
       const bool masked_out = !mask.empty() && mask.data[n] == 0;
       const Acc* x = extra.empty() || masked_out ? nullptr : extra.data;
       route_token_backward(rule, scores.data + n * scores.ld, b, experts.data + n * experts.ld,
-                           dgates.data + n * dgates.ld, x, dlogits.data + n * dlogits.ld);
+                           dgates.data + n * dgates.ld, x, dlogits.data + n * dlogits.ld,
+                           dbias.empty() ? nullptr : dbias.data + n * dbias.ld);
+    }
+  }
+
+  static void sum_rows(Ctx&, MatrixView<const Acc> m, Acc beta, MatrixView<Acc> out) {
+    for (std::int64_t j = 0; j < out.cols; ++j) {
+      Acc acc = Acc(0);
+      for (std::int64_t i = 0; i < m.rows; ++i) acc += m.data[i * m.ld + j];
+      out.data[j] = beta == Acc(0) ? acc : beta * out.data[j] + acc;
     }
   }
 
@@ -168,7 +184,7 @@ struct Kernels<CpuBackend, T> {
     for (std::int64_t n = 0; n < units.rows; ++n) {
       for (std::int64_t j = 0; j < units.cols; ++j) {
         const std::int32_t u = units.data[n * units.ld + j];
-        out_of_range += (u < 0 || u >= num_units) ? 1 : 0;
+        out_of_range += valid_unit_index(u, num_units) ? 0 : 1;
       }
     }
     bad.data[0] = out_of_range;
