@@ -1,39 +1,47 @@
 // CPU benchmark of SMoRA (rankwise::Smora<float, CpuBackend>, r = 64, k = 8,
-// g in {1, 8}) next to the dense LoRA it replaces (rank 64) and the LoRA of
-// its active rank (rank 8), measured in the same run:
+// g in {1, 8}) next to the dense LoRA it replaces (rank 64), the LoRA of its
+// active rank (rank 8) and the dense rank-64 LoRA a user without rankwise
+// writes (OpenBLAS), measured in the same run:
 //
 //   smora_fwd / smora_bwd   Smora::forward (inference: router + rank units)
 //                           and Smora::backward (after a training forward),
 //                           with the rank-unit path forced to kSparse, kDense,
 //                           and left to kAuto (the layer as shipped)
 //   lora_fwd / lora_bwd     Lora::forward / Lora::backward at rank 64 and 8
+//   blas_fwd / blas_bwd     rank 64 as the 2 / 5 cblas_sgemm calls, on the
+//                           rank-64 LoRA layers' memory (support/openblas_baseline.hpp)
 //
 // each at N in {1, 4, 16, 256, 2048} tokens, d = 4096, twice:
 //   cached     one layer, called again and again: its weights stay in cache
 //   uncached   a rotation of identical layers whose weights together are 3x
 //              the last-level cache; each call uses the next one, so its
-//              weights come from DRAM (the LoRA baselines rotate alike)
-// then prints the ratio table with PASS/MISS against the targets.
+//              weights come from DRAM (the baselines rotate alike)
+// at 1 thread (all of the above), and at 2 threads (CpuContext(2) and
+// openblas_set_num_threads(2): LoRA r = 64, SMoRA kAuto and OpenBLAS only),
+// then prints the ratio tables with PASS/MISS against the targets.
 //
 // --crossover (or RANKWISE_BENCH_CROSSOVER=1) instead measures the crossover
 // of the two rank-unit paths, rank_units_forward / rank_units_backward with
-// kSparse and kDense alone (no router, cached weights), over
+// kSparse and kDense alone (no router, cached weights, 1 thread), over
 // N in {1, ..., 2048}, k/r in {8/64, 16/64, 4/64, 8/16, 32/64, 16/16, 64/64}
 // (k = r: how LoRA-LEGO and MoS use the rank units), d in {4096, 1024}, and
 // fits the rule "dense iff n >= N0 and r <= c k" for prefer_dense (a few
-// minutes). Build with RANKWISE_BENCH_NATIVE=ON as well: the GEMM gains more
-// from AVX-512/FMA than the gathers do, which moves the crossover.
+// minutes). The instruction set matters: the GEMM gains more from AVX2/FMA
+// than the gathers do, which moves the crossover.
 //
 // --quick (or RANKWISE_BENCH_QUICK=1): N in {1, 16} (crossover: d = 1024,
 // k/r = 8/64, N in {1, 64}) and short minimum times, for smoke tests.
-// Everything else goes to Google Benchmark (--benchmark_filter=...).
+// Everything else goes to Google Benchmark (--benchmark_filter=...,
+// --benchmark_format=json: the JSON alone on stdout, the tables on stderr).
 // RANKWISE_BENCH_LLC_BYTES overrides the detected last-level cache size.
 //
-// Ratios use CPU time (Eigen is single-threaded here, so it is the wall time
-// of an idle machine, and a busy shared machine inflates it less). Flags: the
-// build type's (Release: -O3), no -march=native unless RANKWISE_BENCH_NATIVE
-// is ON; the layers and their baselines share the binary and the flags.
-// Informational: exits 0 whatever the verdicts.
+// Ratios at 1 thread use CPU time (of the benchmark thread: there it is the
+// wall time of an idle machine, and a busy shared machine inflates it less);
+// at 2 threads wall-clock time, since CPU time counts one thread. Flags: the
+// build type's (Release: -O3) and, when rankwise is the top-level project,
+// -march=native (off with -DRANKWISE_NATIVE=OFF); the layers and their Eigen
+// baselines share the binary and the flags. Informational: exits 0 whatever
+// the verdicts.
 #include <benchmark/benchmark.h>
 
 #include <Eigen/Core>
@@ -41,18 +49,22 @@
 #include <cstdio>
 #include <cstring>
 #include <fstream>
-#include <string>
-
+#include <functional>
 #include <rankwise/rankwise.hpp>
+#include <string>
+#include <thread>
 
 #if defined(__unix__) || defined(__APPLE__)
 #include <unistd.h>
 #endif
 
+#include "support/cpu_matrix.hpp"
+#include "support/openblas_baseline.hpp"
 #include "support/report.hpp"
 #include "support/smora_bench.hpp"
 #include "support/smora_report.hpp"
 #include "support/smora_sizes.hpp"
+#include "support/thread_report.hpp"
 
 namespace {
 
@@ -71,6 +83,7 @@ struct CpuTimer {
   template <class Need, class Prep, class Call>
   static void run(benchmark::State& state, CpuContext&, std::int64_t copies, Need need, Prep prep,
                   Call call) {
+    rb::wait_for_openblas_idle();
     std::int64_t i = 0;
     for (auto _ : state) {
       if (need(i)) {
@@ -160,24 +173,66 @@ CacheSizes detect_caches() {
   return c;
 }
 
+using CpuSuite = sm::Suite<CpuBackend, T, CpuTimer>;
+
+#if RANKWISE_BENCH_OPENBLAS
+// The dense rank-64 LoRA as cblas_sgemm calls on `threads` threads, on the
+// memory of the suite's rank-64 LoRA layers, registered right after them.
+void register_blas(CpuSuite& suite, int threads, std::int64_t n, bool uncached) {
+  for (bool backward : {false, true}) {
+    auto* b = benchmark::RegisterBenchmark(
+        sm::blas_key(suite.backend(), backward, sm::kRank, n, uncached).c_str(),
+        [&suite, threads, backward, n, uncached](benchmark::State& state) {
+          CpuSuite::guarded(state, [&] {
+            const auto& layers = suite.lora_layers(sm::kRank, uncached);
+            auto& io = suite.activations(n);
+            rb::time_blas_lora(state, layers, threads, backward, n, io.x.data(), io.dy.data(),
+                               io.y.data(), io.dx.data());
+            state.counters["copies"] = static_cast<double>(layers.size());
+          });
+        });
+    CpuSuite::configure(b, n, suite.table_min_time());
+  }
+}
+#endif
+
 }  // namespace
 
 int main(int argc, char** argv) {
   const bool quick = rb::take_quick_flag(&argc, argv);
   const bool crossover = sm::take_flag(&argc, argv, "--crossover", "RANKWISE_BENCH_CROSSOVER");
+  rb::RecordingReporter rec(argc, argv);  // before anything prints: it may move the text to stderr
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
 
   const CacheSizes caches = detect_caches();
-  CpuContext ctx;
-  sm::Suite<CpuBackend, T, CpuTimer> suite(ctx, "cpu_f32", caches.used, quick);
-  if (crossover) suite.register_crossover();
-  else suite.register_table();
+  // One suite per thread count: layers keep the context they were built with.
+  const int many = rb::thread_counts().back();
+  CpuContext ctx(1), ctx_many(many);
+  CpuSuite suite(ctx, rb::thread_prefix("cpu_f32", 1), caches.used, quick);
+  CpuSuite suite_many(ctx_many, rb::thread_prefix("cpu_f32", many), caches.used, quick);
+  if (crossover) {
+    suite.register_crossover();
+  } else {
+    std::function<void(std::int64_t, bool)> blas_1, blas_many;
+#if RANKWISE_BENCH_OPENBLAS
+    blas_1 = [&](std::int64_t n, bool uncached) { register_blas(suite, 1, n, uncached); };
+    blas_many = [&](std::int64_t n, bool uncached) {
+      register_blas(suite_many, many, n, uncached);
+    };
+#endif
+    suite.register_table(sm::table_models(), blas_1);
+    if (many > 1) suite_many.register_table(sm::shipped_models(), blas_many);
+  }
 
-  std::printf("rankwise CPU SMoRA benchmark%s%s: Eigen %d.%d.%d, SIMD: %s, Eigen threads: %d\n",
-              crossover ? " (crossover)" : "", quick ? " (quick)" : "", EIGEN_WORLD_VERSION,
-              EIGEN_MAJOR_VERSION, EIGEN_MINOR_VERSION, Eigen::SimdInstructionSetsInUse(),
-              Eigen::nbThreads());
+  const std::string threads = crossover || many == 1 ? "1" : "1 and " + std::to_string(many);
+  std::printf(
+      "rankwise CPU SMoRA benchmark%s%s: Eigen %d.%d.%d, SIMD: %s, threads: %s "
+      "(rankwise CpuContext, OpenBLAS), hardware threads: %u\n",
+      crossover ? " (crossover)" : "", quick ? " (quick)" : "", EIGEN_WORLD_VERSION,
+      EIGEN_MAJOR_VERSION, EIGEN_MINOR_VERSION, rb::eigen_simd().c_str(), threads.c_str(),
+      std::thread::hardware_concurrency());
+  std::printf("%s\n", rb::openblas_note().c_str());
   std::printf("last-level cache: %zu KiB used (from %s); sysfs L%d %zu KiB, "
               "sysconf(_SC_LEVEL3_CACHE_SIZE) %zu KiB, Google Benchmark %zu KiB\n",
               caches.used >> 10, caches.source, caches.sysfs_level, caches.sysfs >> 10,
@@ -195,15 +250,15 @@ int main(int argc, char** argv) {
   std::printf("\n");
   std::fflush(stdout);
 
-  rb::RecordingReporter rec(rb::console_options(argc, argv));
   benchmark::RunSpecifiedBenchmarks(&rec);
   std::fflush(stdout);
 
   sm::ReportOptions opt;
   opt.backend = suite.backend();
-  opt.title = "CPU (Eigen, float)";
+  opt.title = "CPU (Eigen, float), 1 thread";
   opt.quick = quick;
   opt.clock = sm::Clock::kCpu;
+  opt.blas = rb::kOpenBlas;
   opt.prefer_dense = [](std::int64_t n, std::int64_t k, std::int64_t r) {
     return rankwise::Kernels<CpuBackend, T>::prefer_dense(n, k, r);
   };
@@ -223,12 +278,22 @@ int main(int argc, char** argv) {
     for (const std::string& e : rec.errors()) std::printf("benchmark error: %s\n", e.c_str());
     std::printf("\ncrossover done (informational: exits 0)\n");
   } else {
-    const sm::SmoraTally tally = sm::print_layer_table(rec, opt);
-    const auto busy = rec.preempted(0.9);
+    sm::SmoraTally tally = sm::print_layer_table(rec, opt);
+    if (many > 1) {
+      sm::ReportOptions opt_many = opt;
+      opt_many.backend = suite_many.backend();
+      opt_many.title = "CPU (Eigen, float), " + std::to_string(many) + " threads, wall-clock";
+      opt_many.clock = sm::Clock::kReal;
+      tally += sm::print_layer_table(rec, opt_many);
+    }
+    if (!rb::kOpenBlas) std::printf("\n%s\n", rb::openblas_note().c_str());
+    const auto busy = rec.preempted(0.9, suite.backend() + "/");
     if (!busy.empty()) {
-      std::printf("\nnote: %zu benchmark(s) got under 90%% of a core (machine busy), e.g. %s: "
-                  "ratios use CPU time, which this inflates less than wall time\n",
-                  busy.size(), busy.front().c_str());
+      std::printf(
+          "\nnote: %zu single-threaded benchmark(s) got under 90%% of a core (machine "
+          "busy), e.g. %s: their ratios use CPU time, which this inflates less than wall "
+          "time\n",
+          busy.size(), busy.front().c_str());
     }
     sm::print_smora_summary(rec, tally);
   }

@@ -1,6 +1,6 @@
 # MoS (Mixture of Shards) benchmarks. Included from bench/CMakeLists.txt
-# (include(mos.cmake)), which provides find_package(benchmark) and the
-# RANKWISE_BENCH_NATIVE option; the top level provides rankwise::rankwise,
+# (include(mos.cmake)), which provides find_package(benchmark); the top level
+# provides rankwise::rankwise,
 # rankwise::cuda (when RANKWISE_HAS_CUDA) and rankwise_warnings.
 #
 #   ./build/bench/bench_mos            full CPU run (3-4 minutes on 2 cores), then the tables
@@ -15,9 +15,6 @@ endif()
 add_executable(bench_mos "${CMAKE_CURRENT_LIST_DIR}/bench_mos.cpp")
 target_include_directories(bench_mos PRIVATE "${CMAKE_CURRENT_LIST_DIR}")
 target_link_libraries(bench_mos PRIVATE rankwise::rankwise benchmark::benchmark rankwise_warnings)
-if(RANKWISE_BENCH_NATIVE)
-  target_compile_options(bench_mos PRIVATE -march=native)
-endif()
 
 # Smoke test: runs every benchmark body and prints the tables in seconds; the
 # numbers of such a short run mean nothing.

@@ -1,10 +1,11 @@
 # SMoRA benchmarks (Google Benchmark). Included from bench/CMakeLists.txt
 # (its loop over <layer>.cmake files), which provides rankwise::rankwise, rankwise::cuda
 # (when RANKWISE_HAS_CUDA), rankwise_warnings and, usually, benchmark::benchmark
-# and the RANKWISE_BENCH_NATIVE option.
+# and rankwise_bench_openblas (when OpenBLAS is found).
 #
-#   ./build/bench/bench_smora               layer table: SMoRA vs LoRA r=64 / r=8, cached and
-#                                           uncached (about 3 minutes on 2 cores), then ratios
+#   ./build/bench/bench_smora               layer table: SMoRA vs LoRA r=64 / r=8 and OpenBLAS,
+#                                           cached and uncached, at 1 and 2 threads (about 5
+#                                           minutes on 2 cores), then ratios
 #   ./build/bench/bench_smora --crossover   sparse vs dense rank-unit paths, and the fitted
 #                                           prefer_dense rule (a few minutes)
 #   ./build/bench/bench_smora --quick       smoke run (also RANKWISE_BENCH_QUICK=1)
@@ -18,8 +19,8 @@ endif()
 add_executable(bench_smora "${CMAKE_CURRENT_LIST_DIR}/bench_smora.cpp")
 target_include_directories(bench_smora PRIVATE "${CMAKE_CURRENT_LIST_DIR}")
 target_link_libraries(bench_smora PRIVATE rankwise::rankwise benchmark::benchmark rankwise_warnings)
-if(RANKWISE_BENCH_NATIVE)
-  target_compile_options(bench_smora PRIVATE -march=native)
+if(TARGET rankwise_bench_openblas)
+  target_link_libraries(bench_smora PRIVATE rankwise_bench_openblas)
 endif()
 
 # Smoke tests: run the benchmark code paths and print the tables in seconds;

@@ -2,10 +2,13 @@
 # Installs, with apt-get, whichever of rankwise's build dependencies are
 # missing. Fast and silent apart from one line when everything is present.
 # The CUDA toolkit is not installed here: without it rankwise builds the CPU
-# backend only.
+# backend only. libopenblas-dev is optional to the build: it gives the CPU
+# benchmarks their OpenBLAS baseline and rankwise::openblas (the OpenBLAS
+# route for the large products) with its tests.
 set -euo pipefail
 
-packages=(cmake ninja-build g++ libeigen3-dev catch2 libbenchmark-dev nlohmann-json3-dev)
+packages=(cmake ninja-build g++ libeigen3-dev catch2 libbenchmark-dev nlohmann-json3-dev
+          libopenblas-dev)
 
 if ! command -v dpkg-query >/dev/null 2>&1; then
   echo "install-deps: not a Debian-like system; install these yourself if missing: ${packages[*]}" >&2

@@ -25,7 +25,7 @@ inline const std::vector<std::int64_t>& ranks(bool quick) {
   return quick ? small : full;
 }
 inline const std::vector<std::int64_t>& token_counts(bool quick) {
-  static const std::vector<std::int64_t> full{1, 16, 256, 2048};
+  static const std::vector<std::int64_t> full{1, 4, 16, 64, 256, 2048};
   static const std::vector<std::int64_t> small{1, 16};
   return quick ? small : full;
 }
@@ -49,9 +49,13 @@ inline std::int64_t rotation_copies(std::size_t bytes_per_copy, std::size_t cach
   const std::size_t copies = (want + bytes_per_copy - 1) / bytes_per_copy;
   return static_cast<std::int64_t>(copies < 2 ? 2 : copies);
 }
-/// Copies only where they matter: N = 1 (see above). For N > 1 the GEMMs reuse
-/// A and B across tokens and one copy is used, like a real layer.
-inline bool rotates(std::int64_t tokens) { return tokens == 1; }
+/// Copies only where they matter: N = 1 (see above), or up to `max_tokens`
+/// (the CPU bench: N <= 16, where its floor of bytes read from DRAM is a
+/// target). For larger N the GEMMs reuse A and B across tokens and one copy is
+/// used, like a real layer.
+inline bool rotates(std::int64_t tokens, std::int64_t max_tokens = 1) {
+  return tokens <= max_tokens;
+}
 
 /// Quick mode (smoke runs, CI): `--quick` on the command line (removed from
 /// argv so Google Benchmark does not see it) or RANKWISE_BENCH_QUICK=1.
@@ -99,11 +103,16 @@ inline std::vector<std::string> with_default_flags(int argc, char** argv, bool q
   return args;
 }
 
-/// Names of the measurements; the ratio table looks results up by these.
+/// Names of the measurements; the ratio tables look results up by these.
+/// The CPU bench puts the thread count into the backend part, e.g.
+/// "cpu_f32/t:2" (thread_report.hpp: thread_prefix).
 ///   <backend>/delta_fwd/r:<r>/N:<N>   rankwise forward, y += s x Aᵀ Bᵀ
 ///   <backend>/delta_bwd/r:<r>/N:<N>   rankwise backward (dA, dB and dx)
 ///   <backend>/gemm_fwd/r:<r>/N:<N>    the two raw GEMMs of the forward
 ///   <backend>/gemm_bwd/r:<r>/N:<N>    the five raw GEMMs of the backward
+///   <backend>/blas_fwd/r:<r>/N:<N>    the same two as cblas_sgemm calls (OpenBLAS, CPU)
+///   <backend>/blas_bwd/r:<r>/N:<N>    the same five as cblas_sgemm calls
+///   <backend>/blas_sgemm/N:<n>        an n x n x n sgemm: OpenBLAS's large-GEMM rate
 ///   <backend>/naive/r:<r>/N:<N>       ΔW = s B A materialised, then y += x ΔWᵀ
 ///   <backend>/base/N:<N>              y = x W0ᵀ (d x d)
 ///   <backend>/read/r:<r>              read A and B once (N = 1 bound)

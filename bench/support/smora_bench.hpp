@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <exception>
+#include <functional>
 #include <map>
 #include <memory>
 #include <random>
@@ -72,6 +73,12 @@ inline std::vector<Model> table_models() {
   }
   return out;
 }
+/// What the targets judge: the dense rank-64 LoRA and SMoRA as shipped (kAuto).
+inline std::vector<Model> shipped_models() {
+  std::vector<Model> out{Model{false, kRank, 1, RankUnitPath::kAuto}};
+  for (std::int64_t g : groups()) out.push_back(Model{true, kRank, g, RankUnitPath::kAuto});
+  return out;
+}
 
 // 256-byte words: workspaces must be 256-byte aligned (WorkspaceCarver).
 struct alignas(kWorkspaceAlignment) BenchWord {
@@ -106,22 +113,67 @@ class Suite {
 
   // ---- the layer table ------------------------------------------------------------
 
-  void register_table() {
-    const double min_time = quick_ ? 0.01 : 0.25;
+  /// Registers `models` at every N, cached and uncached; after the models of
+  /// each (N, cached or not), `also(n, uncached)` may register more (the CPU
+  /// bench: its OpenBLAS baseline), so they run next to each other.
+  void register_table(const std::vector<Model>& models = table_models(),
+                      const std::function<void(std::int64_t, bool)>& also = {}) {
     for (bool uncached : {false, true}) {
       for (std::int64_t n : token_counts(quick_)) {
-        for (const Model& m : table_models()) {
+        for (const Model& m : models) {
           for (bool backward : {false, true}) {
             auto* b = benchmark::RegisterBenchmark(
                 m.key(backend_, backward, n, uncached).c_str(),
                 [this, m, backward, n, uncached](benchmark::State& state) {
                   guarded(state, [&] { run_layer(state, m, backward, n, uncached); });
                 });
-            configure(b, n, min_time);
+            configure(b, n, table_min_time());
           }
         }
+        if (also) also(n, uncached);
       }
     }
+  }
+  double table_min_time() const { return quick_ ? 0.01 : 0.25; }
+
+  /// Inputs and outputs at n tokens (n x d each), shared by every run at n.
+  struct Activations {
+    Buffer<Backend, T> x, y, dy, dx;
+  };
+  Activations& activations(std::int64_t n) {
+    auto it = acts_.find(n);
+    if (it != acts_.end()) return *it->second;
+    auto a = std::make_unique<Activations>();
+    auto make = [&](Buffer<Backend, T>& b, double lo, double hi, std::uint64_t seed) {
+      b.resize(n * kDim);
+      K::fill_uniform(*ctx_, b.view(n, kDim), lo, hi, seed);
+    };
+    make(a->x, -1.0, 1.0, 11);
+    make(a->dy, -1.0, 1.0, 12);
+    make(a->y, 0.0, 0.0, 13);
+    make(a->dx, 0.0, 0.0, 14);
+    return *acts_.emplace(n, std::move(a)).first->second;
+  }
+
+  /// The rank-`rank` LoRA layers the table's runs rotate over (built on first
+  /// use), for a baseline that runs other code on the same memory.
+  const std::vector<std::unique_ptr<LoraLayer>>& lora_layers(std::int64_t rank, bool uncached) {
+    return pool(Model{false, rank, 1, RankUnitPath::kAuto}, uncached).lora;
+  }
+
+  /// Runs `body` and marks the benchmark failed (the table shows it as not
+  /// measured) when it throws a rankwise::error or a CUDA failure; the run goes on.
+  template <class F>
+  static void guarded(benchmark::State& state, F body) {
+    try {
+      body();
+    } catch (const std::exception& e) {
+      state.SkipWithError(e.what());
+    }
+  }
+  static void configure(benchmark::internal::Benchmark* b, std::int64_t n, double min_time) {
+    b->MinTime(min_time)->Unit(n >= 256 ? benchmark::kMillisecond : benchmark::kMicrosecond);
+    if (Timer::kManualTime) b->UseManualTime();
   }
 
   // ---- the crossover grid: rank_units_forward/backward, kSparse vs kDense ------------
@@ -224,9 +276,6 @@ class Suite {
     return (backward ? 10 : 4) * n * rank * d;
   }
 
-  struct Activations {
-    Buffer<Backend, T> x, y, dy, dx;
-  };
   struct Pool {
     std::vector<std::unique_ptr<LoraLayer>> lora;
     std::vector<std::unique_ptr<SmoraLayer>> smora;
@@ -237,37 +286,6 @@ class Suite {
       return static_cast<std::int64_t>(lora.empty() ? smora.size() : lora.size());
     }
   };
-
-  // A rankwise::error (or a CUDA failure) marks the benchmark failed, and the
-  // run goes on; the table shows it as not measured.
-  template <class F>
-  static void guarded(benchmark::State& state, F body) {
-    try {
-      body();
-    } catch (const std::exception& e) {
-      state.SkipWithError(e.what());
-    }
-  }
-
-  static void configure(benchmark::internal::Benchmark* b, std::int64_t n, double min_time) {
-    b->MinTime(min_time)->Unit(n >= 256 ? benchmark::kMillisecond : benchmark::kMicrosecond);
-    if (Timer::kManualTime) b->UseManualTime();
-  }
-
-  Activations& activations(std::int64_t n) {
-    auto it = acts_.find(n);
-    if (it != acts_.end()) return *it->second;
-    auto a = std::make_unique<Activations>();
-    auto make = [&](Buffer<Backend, T>& b, double lo, double hi, std::uint64_t seed) {
-      b.resize(n * kDim);
-      K::fill_uniform(*ctx_, b.view(n, kDim), lo, hi, seed);
-    };
-    make(a->x, -1.0, 1.0, 11);
-    make(a->dy, -1.0, 1.0, 12);
-    make(a->y, 0.0, 0.0, 13);
-    make(a->dx, 0.0, 0.0, 14);
-    return *acts_.emplace(n, std::move(a)).first->second;
-  }
 
   // Layers of every copy get the same weights (a copy of the first), so they
   // route alike; only their memory differs.

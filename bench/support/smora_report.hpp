@@ -38,6 +38,9 @@ struct ReportOptions {
   std::string cached_note, uncached_note;
   /// Bytes per weight element (4 for float, 2 for half).
   std::size_t element_bytes = 4;
+  /// Whether the run has the OpenBLAS dense rank-64 LoRA (blas_key): adds its
+  /// time and SMoRA (auto) / it to the layer table.
+  bool blas = false;
 };
 
 
@@ -72,15 +75,18 @@ struct SmoraTally {
   Tally cached, uncached;
   int pass() const { return cached.pass + uncached.pass; }
   int miss() const { return cached.miss + uncached.miss; }
+  SmoraTally& operator+=(const SmoraTally& other) {
+    cached += other.cached;
+    uncached += other.uncached;
+    return *this;
+  }
 };
 
-/// The layer table: SMoRA (sparse, dense, auto) next to LoRA rank 64 and 8,
-/// forward and backward, cached and uncached. Verdicts judge the layer as
-/// shipped (kAuto) against the dense rank-64 LoRA:
-///   every N, forward and backward: <= kMaxVsLora64;
-///   N = 1 forward: <= n1_target(g) (0.8 for g = 1, 0.3 for g = 8).
-/// The N = 1 targets are the byte argument, which is about what the
-/// forward reads; the backward row at N = 1 is shown against them as info.
+/// The layer table: SMoRA (sparse, dense, auto) next to LoRA rank 64 and 8
+/// (and, with o.blas, rank 64 as OpenBLAS calls), forward and backward, cached
+/// and uncached; rows where SMoRA did not run are left out. Verdicts judge the
+/// layer as shipped (kAuto) against the dense rank-64 LoRA: forward <=
+/// forward_target(g, N), backward <= kMaxVsLora64.
 inline SmoraTally print_layer_table(RecordingReporter& rec, const ReportOptions& o) {
   SmoraTally tally;
   const Clock c = o.clock;
@@ -96,15 +102,19 @@ inline SmoraTally print_layer_table(RecordingReporter& rec, const ReportOptions&
         std::printf("   QUICK MODE: the rotation is cut to a few layers, so these runs are NOT "
                     "uncached; use the full run for cache effects\n");
       }
-      std::printf("%2s %5s | %9s %9s | %9s %5s %5s | %9s %5s %5s | %11s %5s %5s | %5s | %s\n",
-                  "g", "N", "lora64", "lora8", "sparse", "/l64", "/l8", "dense", "/l64", "/l8",
-                  "auto", "/l64", "/l8", "bound", "target: auto / lora64");
+      std::printf("%2s %5s | %9s %9s |", "g", "N", "lora64", "lora8");
+      if (o.blas) std::printf(" %9s |", "blas64");
+      std::printf(" %9s %5s %5s | %9s %5s %5s | %11s %5s %5s", "sparse", "/l64", "/l8", "dense",
+                  "/l64", "/l8", "auto", "/l64", "/l8");
+      if (o.blas) std::printf(" %5s", "/bl64");
+      std::printf(" | %5s | %s\n", "bound", "target: auto / lora64");
       Tally& t = uncached ? tally.uncached : tally.cached;
       std::string rates;
       for (std::int64_t g : groups()) {
         for (std::int64_t n : token_counts(o.quick)) {
           const Measurement* l64 = rec.find(lora_key(o.backend, backward, 64, n, uncached));
           const Measurement* l8 = rec.find(lora_key(o.backend, backward, 8, n, uncached));
+          const Measurement* bl64 = rec.find(blas_key(o.backend, backward, 64, n, uncached));
           const Measurement* sp =
               rec.find(smora_key(o.backend, backward, g, RankUnitPath::kSparse, n, uncached));
           const Measurement* de =
@@ -114,23 +124,11 @@ inline SmoraTally print_layer_table(RecordingReporter& rec, const ReportOptions&
           if (sp == nullptr && de == nullptr && au == nullptr) continue;
           const bool dense = o.prefer_dense && o.prefer_dense(n, kTopK, kRank);
           const std::string auto_cell = fmt_time(au, c) + (dense ? "(D)" : "(S)");
-          std::string target;
-          char buf[96];
           const double r64 = ratio(au, l64, c);
-          if (n == 1) {
-            const double tgt = std::min(kMaxVsLora64, n1_target(g));
-            if (!backward) {
-              target = "N=1 " + judge(r64, tgt, &t);
-            } else {
-              std::snprintf(buf, sizeof buf, "<= %.2f at any N: ", kMaxVsLora64);
-              target = buf + judge(r64, kMaxVsLora64, &t);
-              std::snprintf(buf, sizeof buf, " (fwd's N=1 target %.1f: info)", tgt);
-              target += buf;
-            }
-          } else {
-            std::snprintf(buf, sizeof buf, "<= %.2f: ", kMaxVsLora64);
-            target = buf + judge(r64, kMaxVsLora64, &t);
-          }
+          const double tgt = backward ? kMaxVsLora64 : forward_target(g, n);
+          char buf[96];
+          std::snprintf(buf, sizeof buf, "<= %.2f: ", tgt);
+          const std::string target = buf + judge(r64, tgt, &t);
           if (n == 1 && !backward) {
             // Bytes one forward reads / its time: the byte bound assumes equal rates.
             const auto rate = [&](const Measurement* m, double bytes) {
@@ -144,15 +142,18 @@ inline SmoraTally print_layer_table(RecordingReporter& rec, const ReportOptions&
                      rate(l64, 2.0 * kRank * kDim * elem) + " GB/s, smora sparse " +
                      rate(sp, (kRank / g + 2.0 * kTopK) * kDim * elem) + " GB/s\n";
           }
-          std::printf(
-              "%2lld %5lld | %9s %9s | %9s %5s %5s | %9s %5s %5s | %11s %5s %5s | %5s | %s\n",
-              static_cast<long long>(g), static_cast<long long>(n), fmt_time(l64, c).c_str(),
-              fmt_time(l8, c).c_str(), fmt_time(sp, c).c_str(), fmt_ratio(ratio(sp, l64, c)).c_str(),
-              fmt_ratio(ratio(sp, l8, c)).c_str(), fmt_time(de, c).c_str(),
-              fmt_ratio(ratio(de, l64, c)).c_str(), fmt_ratio(ratio(de, l8, c)).c_str(),
-              auto_cell.c_str(), fmt_ratio(r64).c_str(), fmt_ratio(ratio(au, l8, c)).c_str(),
-              n == 1 && !backward ? fmt_ratio(n1_byte_bound(g)).c_str() : "",
-              target.c_str());
+          std::printf("%2lld %5lld | %9s %9s |", static_cast<long long>(g),
+                      static_cast<long long>(n), fmt_time(l64, c).c_str(), fmt_time(l8, c).c_str());
+          if (o.blas) std::printf(" %9s |", fmt_time(bl64, c).c_str());
+          std::printf(" %9s %5s %5s | %9s %5s %5s | %11s %5s %5s", fmt_time(sp, c).c_str(),
+                      fmt_ratio(ratio(sp, l64, c)).c_str(), fmt_ratio(ratio(sp, l8, c)).c_str(),
+                      fmt_time(de, c).c_str(), fmt_ratio(ratio(de, l64, c)).c_str(),
+                      fmt_ratio(ratio(de, l8, c)).c_str(), auto_cell.c_str(),
+                      fmt_ratio(r64).c_str(), fmt_ratio(ratio(au, l8, c)).c_str());
+          if (o.blas) std::printf(" %5s", fmt_ratio(ratio(au, bl64, c)).c_str());
+          std::printf(" | %5s | %s\n",
+                      n == 1 && !backward ? fmt_ratio(n1_byte_bound(g)).c_str() : "",
+                      target.c_str());
         }
       }
       if (!rates.empty()) {
@@ -161,8 +162,12 @@ inline SmoraTally print_layer_table(RecordingReporter& rec, const ReportOptions&
       }
     }
   }
-  std::printf("\nauto(S|D): the path kAuto resolves to (Kernels::prefer_dense). bound: the N = 1 "
-              "byte bound, (E + 2k) / 2r of dense rank-64's bytes.\n");
+  std::printf(
+      "\nauto(S|D): the path kAuto resolves to (Kernels::prefer_dense). bound: the N = 1 "
+      "byte bound, (E + 2k) / 2r of dense rank-64's bytes.%s\n",
+      o.blas ? " blas64: dense LoRA-64 as the cblas_sgemm calls a user writes (OpenBLAS), "
+               "on the same memory; /bl64: auto / blas64."
+             : "");
   return tally;
 }
 

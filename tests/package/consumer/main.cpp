@@ -2,6 +2,10 @@
 // hand-written loop. Exits nonzero on a wrong result.
 #include <rankwise/rankwise.hpp>
 
+#if defined(CONSUMER_EXPECT_CBLAS) && !defined(RANKWISE_USE_CBLAS)
+#error "rankwise::openblas did not bring RANKWISE_USE_CBLAS"
+#endif
+
 #include <cmath>
 #include <cstdio>
 #include <vector>

@@ -9,6 +9,10 @@
 
 #include "rankwise/backend/eigen/buffer.hpp"
 #include "rankwise/backend/eigen/context.hpp"
+#include "rankwise/backend/eigen/small_batch.hpp"
+#if defined(RANKWISE_USE_CBLAS)
+#include "rankwise/backend/eigen/cblas_gemm.hpp"
+#endif
 #include "rankwise/backend/kernels_decl.hpp"
 #include "rankwise/core/adam_rule.hpp"
 #include "rankwise/core/random.hpp"
@@ -40,41 +44,51 @@ struct Kernels<CpuBackend, T> {
   using Acc = accumulator_t<T>;
   using Ctx = Context<CpuBackend>;
 
-  static void gemm(Ctx&, Acc alpha, MatrixView<const T> a, Op op_a, MatrixView<const T> b, Op op_b,
-                   Acc beta, MatrixView<T> c) {
+  /// c = alpha op(a) op(b) + beta c. Token-sized products (one side a few
+  /// tokens, kSmallBatch*Tokens) take the small-batch kernels, the rest Eigen's
+  /// GEMM (or OpenBLAS, cblas_gemm.hpp); either is split over the context's
+  /// threads along c's rows or columns, never along the inner dimension, so
+  /// every thread count gives the same bits (tests/test_cpu_threads.cpp checks
+  /// it; on the OpenBLAS route, the same bits at each thread count).
+  static void gemm(Ctx& ctx, Acc alpha, MatrixView<const T> a, Op op_a, MatrixView<const T> b,
+                   Op op_b, Acc beta, MatrixView<T> c) {
     if (c.empty()) return;
-    auto cm = detail::eigen_map(c);
     const std::int64_t inner = op_a == Op::kNoTrans ? a.cols : a.rows;
     if (inner == 0 || alpha == Acc(0)) {
+      auto cm = detail::eigen_map(c);
       scale_in_place(cm, beta);
       return;
     }
-    const auto am = detail::eigen_map(a);
-    const auto bm = detail::eigen_map(b);
-    if (one_row_product(alpha, am, op_a, bm, op_b, beta, cm, inner)) return;
-    // Four explicit branches keep every product a single Eigen GEMM/GEMV call
-    // with no temporaries (noalias) and transposition folded into the kernel.
-    if (beta == Acc(0)) {
-      if (op_a == Op::kNoTrans && op_b == Op::kNoTrans)
-        cm.noalias() = alpha * (am * bm);
-      else if (op_a == Op::kNoTrans)
-        cm.noalias() = alpha * (am * bm.transpose());
-      else if (op_b == Op::kNoTrans)
-        cm.noalias() = alpha * (am.transpose() * bm);
-      else
-        cm.noalias() = alpha * (am.transpose() * bm.transpose());
+    if (small_batch_product(ctx, alpha, a, op_a, b, op_b, beta, c, inner)) return;
+    const std::int64_t tasks = task_count(ctx, c.rows * c.cols, inner);
+    if (tasks == 1) {
+      large_gemm(alpha, a, op_a, b, op_b, beta, c);
       return;
     }
-    scale_in_place(cm, beta);
-    if (op_a == Op::kNoTrans && op_b == Op::kNoTrans)
-      cm.noalias() += alpha * (am * bm);
-    else if (op_a == Op::kNoTrans)
-      cm.noalias() += alpha * (am * bm.transpose());
-    else if (op_b == Op::kNoTrans)
-      cm.noalias() += alpha * (am.transpose() * bm);
-    else
-      cm.noalias() += alpha * (am.transpose() * bm.transpose());
+    // Split the longer side of c in chunks aligned to Eigen's register blocks.
+    const bool by_rows = c.rows >= c.cols;
+    const std::int64_t extent = by_rows ? c.rows : c.cols;
+    ctx.parallel_for(tasks, [&](std::int64_t t) {
+      const std::int64_t lo = split_point(extent, tasks, t, kEigenSplitAlign);
+      const std::int64_t hi = split_point(extent, tasks, t + 1, kEigenSplitAlign);
+      if (lo == hi) return;
+      if (by_rows)
+        large_gemm(alpha, op_rows(a, op_a, lo, hi), op_a, b, op_b, beta, rows_of(c, lo, hi));
+      else
+        large_gemm(alpha, a, op_a, op_cols(b, op_b, lo, hi), op_b, beta, cols_of(c, lo, hi));
+    });
   }
+
+  /// Token counts up to which the small-batch kernels beat Eigen's packed
+  /// GEMM at d = 4096, r in {8, 16, 64}, -march=native (AVX2 + FMA), one
+  /// thread, weights in cache: tokens x weight rowsᵀ (0.23-0.9x Eigen's time
+  /// from 2 to 24 tokens), tokens x weights (0.43-1.0x up to 16), weightsᵀ x
+  /// tokens (0.46-0.87x up to 8). Measured by bench/crossover_small_batch.cpp
+  /// (bench/results/cpu-2026-12-01-small-batch.md); with weights in DRAM the
+  /// streaming kernels gain more.
+  static constexpr std::int64_t kSmallBatchDotTokens = 24;
+  static constexpr std::int64_t kSmallBatchAxpyTokens = 16;
+  static constexpr std::int64_t kSmallBatchGradTokens = 8;
 
   static void fill(Ctx&, MatrixView<T> m, double value) {
     if (m.empty()) return;
@@ -241,60 +255,75 @@ struct Kernels<CpuBackend, T> {
     }
   }
 
-  static void gather_dot(Ctx&, Acc alpha, MatrixView<const T> x, MatrixView<const T> w,
+  // The rank-unit primitives split over the context's threads by tokens
+  // (gather_dot, gather_axpy: each token's row is its own) or by columns
+  // (scatter_axpy: a unit's row sums its tokens in token order in every
+  // part), so the bits do not depend on the thread count.
+  static void gather_dot(Ctx& ctx, Acc alpha, MatrixView<const T> x, MatrixView<const T> w,
                          MatrixView<const std::int32_t> units, MatrixView<Acc> out,
                          Acc beta = Acc(0)) {
-    const auto xm = detail::eigen_map(x);
-    const auto wm = detail::eigen_map(w);
     if (broadcast(units)) {
-      const detail::RowMajorMatrix<T> selected = gather_rows(wm, units);
-      auto om = detail::eigen_map(out);
-      if (beta == Acc(0))
-        om.noalias() = alpha * (xm * selected.transpose());
-      else
-        om = beta * om + alpha * (xm * selected.transpose());
+      const detail::RowMajorMatrix<T> selected = gather_rows(detail::eigen_map(w), units);
+      gemm(ctx, alpha, x, Op::kNoTrans, view_of(selected), Op::kTrans, beta, out);
       return;
     }
-    for (std::int64_t n = 0; n < units.rows; ++n) {
-      for (std::int64_t j = 0; j < units.cols; ++j) {
-        Acc& o = out.data[n * out.ld + j];
-        const Acc dot = wm.row(units.data[n * units.ld + j]).dot(xm.row(n));
-        o = beta == Acc(0) ? alpha * dot : alpha * dot + beta * o;
+    const std::int64_t tasks = task_count(ctx, units.rows * units.cols, x.cols);
+    ctx.parallel_for(tasks, [&](std::int64_t t) {
+      const std::int64_t hi = split_point(units.rows, tasks, t + 1, 1);
+      for (std::int64_t n = split_point(units.rows, tasks, t, 1); n < hi; ++n) {
+        for_unit_rows(w, units, n, [&](const T* const* rows, std::int64_t j, std::int64_t count) {
+          detail::small_batch::gathered_dots<T>(alpha, x.data + n * x.ld, rows, count, x.cols,
+                                                beta, out.data + n * out.ld + j, 1);
+        });
       }
-    }
+    });
   }
 
-  static void gather_axpy(Ctx&, Acc alpha, MatrixView<const Acc> coef, MatrixView<const T> w,
+  static void gather_axpy(Ctx& ctx, Acc alpha, MatrixView<const Acc> coef, MatrixView<const T> w,
                           MatrixView<const std::int32_t> units, MatrixView<T> y) {
-    const auto wm = detail::eigen_map(w);
-    auto ym = detail::eigen_map(y);
     if (broadcast(units)) {
-      ym.noalias() += alpha * (detail::eigen_map(coef) * gather_rows(wm, units));
+      const detail::RowMajorMatrix<T> selected = gather_rows(detail::eigen_map(w), units);
+      gemm(ctx, alpha, coef, Op::kNoTrans, view_of(selected), Op::kNoTrans, Acc(1), y);
       return;
     }
-    for (std::int64_t n = 0; n < units.rows; ++n) {
-      for (std::int64_t j = 0; j < units.cols; ++j) {
-        ym.row(n) += (alpha * coef.data[n * coef.ld + j]) * wm.row(units.data[n * units.ld + j]);
+    const std::int64_t tasks = task_count(ctx, units.rows * units.cols, w.cols);
+    ctx.parallel_for(tasks, [&](std::int64_t t) {
+      const std::int64_t hi = split_point(units.rows, tasks, t + 1, 1);
+      for (std::int64_t n = split_point(units.rows, tasks, t, 1); n < hi; ++n) {
+        for_unit_rows(w, units, n, [&](const T* const* rows, std::int64_t j, std::int64_t count) {
+          T scaled[kUnitBlock];
+          for (std::int64_t i = 0; i < count; ++i)
+            scaled[i] = alpha * coef.data[n * coef.ld + j + i];
+          detail::small_batch::gathered_axpy<T>(scaled, rows, count, w.cols, y.data + n * y.ld);
+        });
       }
-    }
+    });
   }
 
-  static void scatter_axpy(Ctx&, Acc alpha, MatrixView<const Acc> coef, MatrixView<const T> src,
-                           MatrixView<const std::int32_t> units, Acc beta, MatrixView<T> out) {
+  static void scatter_axpy(Ctx& ctx, Acc alpha, MatrixView<const Acc> coef,
+                           MatrixView<const T> src, MatrixView<const std::int32_t> units, Acc beta,
+                           MatrixView<T> out) {
     auto om = detail::eigen_map(out);
     scale_in_place(om, beta);
-    const auto sm = detail::eigen_map(src);
     if (broadcast(units)) {
       // Σ over tokens first (one GEMM), then the k rows in slot order.
-      const detail::RowMajorMatrix<T> summed = detail::eigen_map(coef).transpose() * sm;
+      detail::RowMajorMatrix<T> summed(units.cols, src.cols);
+      gemm(ctx, Acc(1), coef, Op::kTrans, src, Op::kNoTrans, Acc(0), view_of(summed));
       for (std::int64_t j = 0; j < units.cols; ++j) om.row(units.data[j]) += alpha * summed.row(j);
       return;
     }
-    for (std::int64_t n = 0; n < units.rows; ++n) {
-      for (std::int64_t j = 0; j < units.cols; ++j) {
-        om.row(units.data[n * units.ld + j]) += (alpha * coef.data[n * coef.ld + j]) * sm.row(n);
+    const std::int64_t tasks = task_count(ctx, units.rows * units.cols, src.cols);
+    ctx.parallel_for(tasks, [&](std::int64_t t) {
+      const std::int64_t lo = split_point(src.cols, tasks, t, kColumnSplitAlign);
+      const std::int64_t hi = split_point(src.cols, tasks, t + 1, kColumnSplitAlign);
+      for (std::int64_t n = 0; n < units.rows; ++n) {
+        for (std::int64_t j = 0; j < units.cols; ++j) {
+          detail::small_batch::axpy_span(static_cast<T>(alpha * coef.data[n * coef.ld + j]),
+                                         src.data + n * src.ld,
+                                         out.data + units.data[n * units.ld + j] * out.ld, lo, hi);
+        }
       }
-    }
+    });
   }
 
   static void hadamard(Ctx&, MatrixView<const Acc> a, MatrixView<const Acc> b,
@@ -350,38 +379,148 @@ struct Kernels<CpuBackend, T> {
   }
 
  private:
-  // One-token products (N = 1) stream each row of b once, contiguously:
-  // Eigen's GEMV for a row vector times a row-major matrix walks b in column
-  // panels and reaches about half the memory bandwidth (bench_lora, N = 1).
-  //   c (1 x m) = alpha a bᵀ      one dot product per row of b
-  //   c (1 x m) += alpha a b      one axpy per row of b, c stays in L1
-  //   c = alpha aᵀ b, inner 1     (dBᵀ = s Hᵀ dY, dA = dHᵀ X): row scaling
-  template <class MapA, class MapB, class MapC>
-  static bool one_row_product(Acc alpha, const MapA& am, Op op_a, const MapB& bm, Op op_b, Acc beta,
-                              MapC& cm, std::int64_t inner) {
-    if (cm.rows() == 1 && op_a == Op::kNoTrans && op_b == Op::kTrans) {
-      for (Eigen::Index j = 0; j < cm.cols(); ++j) {
-        const Acc d = alpha * bm.row(j).dot(am.row(0));
-        cm(0, j) = beta == Acc(0) ? d : beta * cm(0, j) + d;
-      }
+  // The small-batch kernels (small_batch.hpp) for the three shapes of a LoRA
+  // delta: tokens x weight rowsᵀ (H = X Aᵀ, dH = s dY B), tokens x weights
+  // (Y += s H Bᵀ, dX += dH A) and the gradients' tokensᵀ x tokens (dA = dHᵀ X,
+  // dBᵀ = s Hᵀ dY), each weight row streamed once for all tokens.
+  static bool small_batch_product(Ctx& ctx, Acc alpha, const MatrixView<const T>& a, Op op_a,
+                                  const MatrixView<const T>& b, Op op_b, Acc beta,
+                                  const MatrixView<T>& c, std::int64_t inner) {
+    namespace sb = detail::small_batch;
+    const std::int64_t lda = a.rows <= 1 ? a.cols : a.ld;
+    const std::int64_t ldb = b.rows <= 1 ? b.cols : b.ld;
+    const std::int64_t ldc = c.rows <= 1 ? c.cols : c.ld;
+    if (op_a == Op::kNoTrans && op_b == Op::kTrans && c.rows <= kSmallBatchDotTokens) {
+      const std::int64_t tasks = task_count(ctx, c.rows * c.cols, inner);
+      ctx.parallel_for(tasks, [&](std::int64_t t) {
+        sb::rows_dot<T>(alpha, a.data, lda, b.data, ldb, c.rows, inner, beta, c.data, ldc,
+                        split_point(c.cols, tasks, t, 2), split_point(c.cols, tasks, t + 1, 2));
+      });
       return true;
     }
-    if (cm.rows() == 1 && op_a == Op::kNoTrans && op_b == Op::kNoTrans) {
-      scale_in_place(cm, beta);
-      for (std::int64_t k = 0; k < inner; ++k) cm.row(0) += (alpha * am(0, k)) * bm.row(k);
-      return true;
+    if (op_b != Op::kNoTrans) return false;
+    const bool tokens_by_weights = op_a == Op::kNoTrans && c.rows <= kSmallBatchAxpyTokens;
+    const bool weights_by_tokens =
+        op_a == Op::kTrans && inner <= kSmallBatchGradTokens && c.rows <= kSmallBatchMaxRows;
+    if (!tokens_by_weights && !weights_by_tokens) return false;
+    const std::int64_t coef_row = op_a == Op::kNoTrans ? lda : 1;
+    const std::int64_t coef_step = op_a == Op::kNoTrans ? 1 : lda;
+    const std::int64_t tasks = task_count(ctx, c.rows * c.cols, inner);
+    ctx.parallel_for(tasks, [&](std::int64_t t) {
+      const std::int64_t align = sb::kColumnAlign<T>;
+      sb::rows_axpy<T>(alpha, a.data, coef_row, coef_step, b.data, ldb, c.rows, inner, beta,
+                       c.data, ldc, split_point(c.cols, tasks, t, align),
+                       split_point(c.cols, tasks, t + 1, align));
+    });
+    return true;
+  }
+  // Rows of c the transposed-coefficient kernel takes (ranks, not d x d merges).
+  static constexpr std::int64_t kSmallBatchMaxRows = 1024;
+
+  // A thread's share: at least kMinTaskWork multiply-adds (a microsecond or
+  // two of arithmetic; at one token, a quarter MiB of weights to stream, which
+  // a second core reads at half again the rate of one).
+  static std::int64_t task_count(const Ctx& ctx, std::int64_t outputs, std::int64_t inner) {
+    const std::int64_t threads = ctx.num_threads();
+    if (threads == 1) return 1;
+    const double work = static_cast<double>(outputs) * static_cast<double>(inner);
+    const auto by_work = static_cast<std::int64_t>(work / kMinTaskWork);
+    return std::max<std::int64_t>(1, std::min<std::int64_t>(threads, by_work));
+  }
+  static constexpr double kMinTaskWork = 1 << 16;
+
+  // Start of task t of `tasks` over [0, extent), rounded down to `align`.
+  static std::int64_t split_point(std::int64_t extent, std::int64_t tasks, std::int64_t t,
+                                  std::int64_t align) {
+    if (t >= tasks) return extent;
+    const std::int64_t units = (extent + align - 1) / align;
+    return std::min(extent, units * t / tasks * align);
+  }
+  // Parts of an Eigen product start on a multiple of its register blocks
+  // (3 packets of 8 floats or 4 doubles by 4): each element then stays in the
+  // same kind of block, so the split changes no bit (tests/test_cpu_threads.cpp).
+  static constexpr std::int64_t kEigenSplitAlign = 24;
+  // Column parts of a row update start on a cache line (and a whole packet).
+  static constexpr std::int64_t kColumnSplitAlign = 64 / sizeof(T);
+
+  template <class M>
+  static MatrixView<T> view_of(M& m) {
+    return host_view(m.data(), m.rows(), m.cols());
+  }
+  template <class M>
+  static MatrixView<const T> view_of(const M& m) {
+    return host_view(m.data(), m.rows(), m.cols());
+  }
+
+  template <class V>
+  static V rows_of(V v, std::int64_t lo, std::int64_t hi) {
+    v.data += lo * v.ld;
+    v.rows = hi - lo;
+    return v;
+  }
+  template <class V>
+  static V cols_of(V v, std::int64_t lo, std::int64_t hi) {
+    v.data += lo;
+    v.cols = hi - lo;
+    return v;
+  }
+  // Rows [lo, hi) of op(m), or columns [lo, hi) of op(m), as a view of m.
+  static MatrixView<const T> op_rows(MatrixView<const T> m, Op op, std::int64_t lo,
+                                     std::int64_t hi) {
+    return op == Op::kNoTrans ? rows_of(m, lo, hi) : cols_of(m, lo, hi);
+  }
+  static MatrixView<const T> op_cols(MatrixView<const T> m, Op op, std::int64_t lo,
+                                     std::int64_t hi) {
+    return op == Op::kNoTrans ? cols_of(m, lo, hi) : rows_of(m, lo, hi);
+  }
+
+  // The large products: Eigen's GEMM, or the CBLAS sgemm/dgemm when the build
+  // links rankwise::openblas (RANKWISE_USE_CBLAS).
+  static void large_gemm(Acc alpha, MatrixView<const T> a, Op op_a, MatrixView<const T> b,
+                         Op op_b, Acc beta, MatrixView<T> c) {
+#if defined(RANKWISE_USE_CBLAS)
+    if (detail::cblas_gemm(alpha, a, op_a == Op::kTrans, b, op_b == Op::kTrans, beta, c)) return;
+#endif
+    // Four explicit branches keep every product a single Eigen GEMM/GEMV call
+    // with no temporaries (noalias) and transposition folded into the kernel.
+    auto cm = detail::eigen_map(c);
+    const auto am = detail::eigen_map(a);
+    const auto bm = detail::eigen_map(b);
+    if (beta == Acc(0)) {
+      if (op_a == Op::kNoTrans && op_b == Op::kNoTrans)
+        cm.noalias() = alpha * (am * bm);
+      else if (op_a == Op::kNoTrans)
+        cm.noalias() = alpha * (am * bm.transpose());
+      else if (op_b == Op::kNoTrans)
+        cm.noalias() = alpha * (am.transpose() * bm);
+      else
+        cm.noalias() = alpha * (am.transpose() * bm.transpose());
+      return;
     }
-    if (inner == 1 && op_b == Op::kNoTrans) {
-      for (Eigen::Index i = 0; i < cm.rows(); ++i) {
-        const Acc ai = alpha * (op_a == Op::kNoTrans ? am(i, 0) : am(0, i));
-        if (beta == Acc(0))
-          cm.row(i) = ai * bm.row(0);
-        else
-          cm.row(i) = beta * cm.row(i) + ai * bm.row(0);
-      }
-      return true;
+    scale_in_place(cm, beta);
+    if (op_a == Op::kNoTrans && op_b == Op::kNoTrans)
+      cm.noalias() += alpha * (am * bm);
+    else if (op_a == Op::kNoTrans)
+      cm.noalias() += alpha * (am * bm.transpose());
+    else if (op_b == Op::kNoTrans)
+      cm.noalias() += alpha * (am.transpose() * bm);
+    else
+      cm.noalias() += alpha * (am.transpose() * bm.transpose());
+  }
+
+  // Calls f(rows, j, count) for token n's units in blocks of up to
+  // kUnitBlock: rows[i] is the row of w of unit j + i.
+  static constexpr std::int64_t kUnitBlock = 16;
+  template <class F>
+  static void for_unit_rows(const MatrixView<const T>& w,
+                            const MatrixView<const std::int32_t>& units, std::int64_t n, F&& f) {
+    const T* rows[kUnitBlock];
+    for (std::int64_t j = 0; j < units.cols; j += kUnitBlock) {
+      const std::int64_t count = std::min(kUnitBlock, units.cols - j);
+      for (std::int64_t i = 0; i < count; ++i)
+        rows[i] = w.data + std::int64_t(units.data[n * units.ld + j + i]) * w.ld;
+      f(rows, j, count);
     }
-    return false;
   }
 
   // Every token uses the same units (ld = 0): from 8 tokens the gathers run
