@@ -84,7 +84,7 @@ struct Kernels<CpuBackend, T> {
   /// thread, weights in cache: tokens x weight rowsᵀ (0.23-0.9x Eigen's time
   /// from 2 to 24 tokens), tokens x weights (0.43-1.0x up to 16), weightsᵀ x
   /// tokens (0.46-0.87x up to 8). Measured by bench/crossover_small_batch.cpp
-  /// (bench/results/cpu-2026-12-01-small-batch.md); with weights in DRAM the
+  /// (bench/results/cpu-2026-12-01-lora-threads-openblas.md); with weights in DRAM the
   /// streaming kernels gain more.
   static constexpr std::int64_t kSmallBatchDotTokens = 24;
   static constexpr std::int64_t kSmallBatchAxpyTokens = 16;
