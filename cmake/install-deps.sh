@@ -4,11 +4,12 @@
 # The CUDA toolkit is not installed here: without it rankwise builds the CPU
 # backend only. libopenblas-dev is optional to the build: it gives the CPU
 # benchmarks their OpenBLAS baseline and rankwise::openblas (the OpenBLAS
-# route for the large products) with its tests.
+# route for the large products) with its tests. ccache is used by cmake/test.sh
+# only, to compile each CPU source once for its two trees.
 set -euo pipefail
 
 packages=(cmake ninja-build g++ libeigen3-dev catch2 libbenchmark-dev nlohmann-json3-dev
-          libopenblas-dev)
+          libopenblas-dev ccache)
 
 if ! command -v dpkg-query >/dev/null 2>&1; then
   echo "install-deps: not a Debian-like system; install these yourself if missing: ${packages[*]}" >&2
