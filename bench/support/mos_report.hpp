@@ -69,10 +69,10 @@ inline void print_parameter_bytes(std::int64_t d, std::size_t bytes_per_value,
   std::printf("  MoS / LoRA parameter bytes = %.3f\n", mos / lora);
   // Not parameters, but resident per layer once a layer takes the assembled
   // path (kAssembled, or kAuto where prefer_assembled_shards(n)): assembled A (r x d_in), Bᵀ
-  // (r x d_out) and their gradients, members of every Mos (layers/mos.hpp).
+  // (r x d_out) and their gradients, in every Mos's workspace (layers/mos_ops.hpp).
   const double assembled = 2.0 * kLayers * kRank * (d + d) * bytes_per_value;
-  std::printf("  (working memory, from layers/mos.hpp: each Mos on the assembled path keeps A, "
-              "B^T and their gradients, 2*r*(d_in+d_out) values: %s for the stack, vs %s of "
+  std::printf("  (working memory, from layers/mos_ops.hpp: each Mos's workspace on the assembled "
+              "path holds A, B^T and their gradients, 2*r*(d_in+d_out) values: %s for the stack, vs %s of "
               "pool + pool gradients)\n",
               mib(assembled).c_str(), mib(2.0 * mos).c_str());
 }

@@ -27,8 +27,9 @@ inline constexpr std::int64_t kPrivateRank = 1;      // p
 inline constexpr double kAlpha = 16.0;               // scale alpha / r; no effect on timings
 inline constexpr std::uint64_t kIndexSeed = 7;       // index lists drawn from (seed, layer)
 
-/// The issue's target: a MoS stack within 1.2x of the dense LoRA stack's time.
-inline constexpr double kTarget = 1.2;
+/// The target: a MoS stack no slower than the dense LoRA stack of the same
+/// active rank (issue 11; the MoS issue had asked for 1.2x).
+inline constexpr double kTarget = 1.0;
 
 /// Token counts of the main table.
 inline const std::vector<std::int64_t>& token_counts(bool quick) {

@@ -994,6 +994,141 @@ void rejects_bad_input() {
   }
 }
 
+/// The stateless ops (layers/mos_ops.hpp) on caller-owned memory give the
+/// layer's bits on each path, with a workspace of exactly
+/// mos_*_workspace_bytes (one byte less is refused, naming the op); the sizes
+/// are the blocks the plan carves. CPU: shard indices outside [0, M) and a
+/// pattern that is not its list by chunk are refused before any work.
+template <class H, class T>
+void stateless_ops_match_layer() {
+  using Backend = typename H::Backend;
+  using Acc = rankwise::accumulator_t<T>;
+  // Function pointers: template arguments would split the REQUIRE_THROWS_WITH macro.
+  const auto forward_op = rankwise::mos_forward<Backend, T>;
+  const auto backward_op = rankwise::mos_backward<Backend, T>;
+  typename H::Ctx ctx;
+  std::uint64_t seed = 9000;
+  for (const MosCase& c : reference_cases()) {
+    for (const ShardPath path : {ShardPath::kDirect, ShardPath::kAssembled}) {
+      ++seed;
+      RWTEST_MOS_INFO(H, T, c, seed);
+      INFO("path " << path_name(path));
+      const MosShape& sh = c.shape;
+      const rankwise::ShardPoolConfig pc = sh.pool_config();
+      const MosConfig cfg = config_for(c, seed);
+      const PoolData d = make_pool_data<H, T>(sh, seed);
+      const Batch b = make_batch<H, T>(sh, c.n, seed);
+      const auto x = to_device<H, T>(ctx, b.x);
+      const auto dy = to_device<H, T>(ctx, b.dy);
+
+      PoolOf<H, T> pool_layer(ctx, pc), pool_ops(ctx, pc);
+      load_pool<H, T>(ctx, pool_layer, d);
+      load_pool<H, T>(ctx, pool_ops, d);
+      MosOf<H, T> layer(pool_layer, c.layer, cfg, path);
+      RWTEST_MOS_LISTS_INFO(layer.indices());
+      auto y_layer = to_device<H, T>(ctx, b.y0);
+      auto dx_layer = to_device<H, T>(ctx, b.dx0);
+      layer.forward(x.cview(), y_layer.view());
+      layer.backward(x.cview(), dy.cview(), dx_layer.view());
+
+      const rankwise::MosTableBuffers<Backend> buffers(ctx, pc, cfg, layer.indices());
+      const rankwise::MosTables tables = buffers.tables();
+      const MatrixView<const T> a_shards = pool_ops.a(), b_shards = pool_ops.b();
+      const std::size_t fwd_bytes =
+          rankwise::mos_forward_workspace_bytes<Backend, T>(pc, cfg, c.n, path);
+      const std::size_t bwd_bytes =
+          rankwise::mos_backward_workspace_bytes<Backend, T>(pc, cfg, c.n, path);
+      const std::size_t asm_bytes = rankwise::mos_assemble_workspace_bytes<Backend, T>(pc, cfg);
+      auto block = [](std::int64_t rows, std::int64_t cols, std::size_t size) {
+        return (static_cast<std::size_t>(rows * cols) * size + 255) / 256 * 256;
+      };
+      const std::int64_t r = sh.r, q = sh.r * sh.l;
+      const std::size_t assembled = block(r, sh.d_in, sizeof(T)) + block(r, sh.d_out, sizeof(T)) +
+                                    block(q, 1, sizeof(Acc));
+      CHECK(asm_bytes == assembled);
+      if (path == ShardPath::kDirect) {
+        CHECK(fwd_bytes == block(c.n, r, sizeof(Acc)));
+        CHECK(bwd_bytes == 2 * block(c.n, r, sizeof(Acc)));
+      } else {
+        CHECK(fwd_bytes == assembled + block(c.n, r, sizeof(T)));
+        CHECK(bwd_bytes == assembled + 2 * block(c.n, r, sizeof(T)) +
+                               block(r, sh.d_in, sizeof(T)) + block(r, sh.d_out, sizeof(T)));
+      }
+
+      rankwise::detail::OwnedWorkspace<Backend> ws;
+      ws.reserve(std::max({fwd_bytes, bwd_bytes, asm_bytes}));
+      auto y_ops = to_device<H, T>(ctx, b.y0);
+      auto dx_ops = to_device<H, T>(ctx, b.dx0);
+      REQUIRE_THROWS_WITH(forward_op(ctx, pc, cfg, a_shards, b_shards,
+                                                            tables, x.cview(), y_ops.view(), path,
+                                                            ws.data(), fwd_bytes - 1),
+                          Catch::Contains("mos_forward: workspace of") &&
+                              Catch::Contains("is too small"));
+      REQUIRE_THROWS_WITH(
+          backward_op(ctx, pc, cfg, a_shards, b_shards, tables, x.cview(),
+                                             dy.cview(), dx_ops.view(), pool_ops.grad_a(),
+                                             pool_ops.grad_b(), path, ws.data(), bwd_bytes - 1),
+          Catch::Contains("mos_backward: workspace of") && Catch::Contains("is too small"));
+      forward_op(ctx, pc, cfg, a_shards, b_shards, tables, x.cview(),
+                                        y_ops.view(), path, ws.data(), fwd_bytes);
+      backward_op(ctx, pc, cfg, a_shards, b_shards, tables, x.cview(),
+                                         dy.cview(), dx_ops.view(), pool_ops.grad_a(),
+                                         pool_ops.grad_b(), path, ws.data(), bwd_bytes);
+      CHECK(first_bit_difference(to_host_raw<H, T>(ctx, y_ops.cview()),
+                                 to_host_raw<H, T>(ctx, y_layer.cview())) == -1);
+      CHECK(first_bit_difference(to_host_raw<H, T>(ctx, dx_ops.cview()),
+                                 to_host_raw<H, T>(ctx, dx_layer.cview())) == -1);
+      CHECK(first_bit_difference(bits_of<H, T>(ctx, pool_ops.grad_a()),
+                                 bits_of<H, T>(ctx, pool_layer.grad_a())) == -1);
+      CHECK(first_bit_difference(bits_of<H, T>(ctx, pool_ops.grad_b()),
+                                 bits_of<H, T>(ctx, pool_layer.grad_b())) == -1);
+      check_forward<H, T>(ctx, y_ops, sh, d, layer.indices().a, layer.indices().b, b);
+
+      DeviceMatrix<H, T> a_out(sh.r, sh.d_in), b_out(sh.d_out, sh.r);
+      rankwise::mos_assemble<Backend, T>(ctx, pc, cfg, a_shards, b_shards, tables, a_out.view(),
+                                         b_out.view(), ws.data(), asm_bytes);
+      CHECK(same_values(to_host<H, T>(ctx, a_out), ref_mos_assemble_a(sh, d.a, layer.indices().a)));
+      CHECK(same_values(to_host<H, T>(ctx, b_out), ref_mos_assemble_b(sh, d.b, layer.indices().b)));
+
+      if constexpr (Backend::kMemorySpace == rankwise::MemorySpace::kHost) {
+        // Tables a caller got wrong: on the CPU, refused before any work.
+        std::vector<std::int32_t> list(layer.indices().a);
+        std::vector<std::int32_t> pattern = rankwise::shard_chunk_pattern(list, sh.r, sh.l);
+        const auto space = Backend::kMemorySpace;
+        rankwise::MosTables bad = tables;
+        const std::int32_t saved = list.back();
+        list.back() = static_cast<std::int32_t>(sh.shards());
+        bad.list_a = MatrixView<const std::int32_t>(list.data(), 1, q, space);
+        REQUIRE_THROWS_WITH(
+            forward_op(ctx, pc, cfg, a_shards, b_shards, bad, x.cview(),
+                                              y_ops.view(), path, ws.data(), fwd_bytes),
+            Catch::Contains("mos_forward") && Catch::Contains("list_a") &&
+                Catch::Contains("outside [0, M = " + std::to_string(sh.shards()) + ")"));
+        list.back() = saved;
+        if (q > 1) {
+          std::swap(pattern[0], pattern[static_cast<std::size_t>(q - 1)]);
+          if (pattern[0] != pattern[static_cast<std::size_t>(q - 1)]) {
+            bad.pattern_a = MatrixView<const std::int32_t>(pattern.data(), sh.l, sh.r, space);
+            REQUIRE_THROWS_WITH(
+                backward_op(ctx, pc, cfg, a_shards, b_shards, bad,
+                                                   x.cview(), dy.cview(), dx_ops.view(),
+                                                   pool_ops.grad_a(), pool_ops.grad_b(), path,
+                                                   ws.data(), bwd_bytes),
+                Catch::Contains("mos_backward: pattern_a[0][0]") &&
+                    Catch::Contains("differs from its list's entry"));
+          }
+        }
+        // The workspace may not be y.
+        MatrixView<T> y_in_ws(static_cast<T*>(ws.data()), c.n, sh.d_out, space);
+        REQUIRE_THROWS_WITH(
+            forward_op(ctx, pc, cfg, a_shards, b_shards, tables, x.cview(),
+                                              y_in_ws, path, ws.data(), ws.bytes()),
+            Catch::Contains("mos_forward: y (n x d_out)") && Catch::Contains("overlaps"));
+      }
+    }
+  }
+}
+
 }  // namespace mos_cases
 }  // namespace rwtest
 
@@ -1034,4 +1169,7 @@ void rejects_bad_input() {
   }                                                                                              \
   TEMPLATE_TEST_CASE("mos: rejects bad input", "[mos][errors]" TAG, __VA_ARGS__) {               \
     ::rwtest::mos_cases::rejects_bad_input<HARNESS, TestType>();                                 \
+  }                                                                                              \
+  TEMPLATE_TEST_CASE("mos: stateless ops on caller memory", "[mos][ops]" TAG, __VA_ARGS__) {     \
+    ::rwtest::mos_cases::stateless_ops_match_layer<HARNESS, TestType>();                         \
   }

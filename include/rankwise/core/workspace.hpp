@@ -34,6 +34,12 @@ inline std::size_t workspace_blocks_bytes(std::int64_t count, std::size_t block,
 
 /// Hands out consecutive blocks of a workspace. The first `take` that would
 /// overrun throws, naming the function whose workspace was too small.
+///
+/// A counting carver (WorkspaceCarver::counting) hands out views without
+/// memory and only adds up their sizes: an op writes its workspace layout once,
+/// as a plan function over a carver, and its *_workspace_bytes runs the same
+/// plan through a counting carver (flashinfer's and CUB's two-phase pattern),
+/// so the size can never drift from what the op carves.
 class WorkspaceCarver {
  public:
   WorkspaceCarver(void* base, std::size_t bytes, MemorySpace space, const char* owner)
@@ -42,9 +48,23 @@ class WorkspaceCarver {
                    ": workspace must be ", kWorkspaceAlignment, "-byte aligned");
   }
 
+  /// A carver that sizes a plan instead of carving: its views have no data.
+  static WorkspaceCarver counting(MemorySpace space, const char* owner) {
+    WorkspaceCarver carver(nullptr, static_cast<std::size_t>(kMaxSize), space, owner);
+    carver.counting_ = true;
+    return carver;
+  }
+
+  /// Bytes taken so far, padding included: a counting carver's result.
+  std::size_t used() const { return used_; }
+
   template <class T>
   MatrixView<T> take(std::int64_t rows, std::int64_t cols) {
     const std::size_t need = workspace_block_bytes<T>(rows, cols, owner_);
+    if (counting_) {
+      used_ = checked_add_bytes(used_, need, owner_);
+      return MatrixView<T>(nullptr, rows, cols, space_);
+    }
     // need <= bytes_ - used_, not used_ + need <= bytes_: the sum may wrap.
     RANKWISE_CHECK(need <= bytes_ - used_, owner_, ": workspace of ", bytes_,
                    " bytes is too small, need at least ", checked_add_bytes(used_, need, owner_));
@@ -59,6 +79,7 @@ class WorkspaceCarver {
   /// before any work. Memory past those blocks may hold anything.
   template <class U>
   void check_disjoint(const MatrixView<U>& v, const char* name) const {
+    if (counting_) return;
     const ByteRange used{reinterpret_cast<std::uintptr_t>(base_),
                          reinterpret_cast<std::uintptr_t>(base_) + used_};
     RANKWISE_CHECK(v.space != space_ || !overlaps(byte_range(v), used), owner_, ": ", name, " ",
@@ -73,6 +94,7 @@ class WorkspaceCarver {
   std::size_t used_ = 0;
   MemorySpace space_;
   const char* owner_;
+  bool counting_ = false;
 };
 
 }  // namespace rankwise

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <memory>
 #include <type_traits>
+#include <vector>
 
 #include "rankwise/backend/eigen/executor.hpp"
 #include "rankwise/backend/tags.hpp"
@@ -59,9 +60,24 @@ class Context<CpuBackend> {
 
   void synchronize() {}
 
+  /// At least `count` elements of U, 64-byte aligned, for the kernel running
+  /// on the calling thread: grown to the largest request and kept, so
+  /// steady-state calls allocate nothing. Valid until the next scratch call.
+  template <class U>
+  U* scratch(std::int64_t count) {
+    const std::size_t bytes = static_cast<std::size_t>(count) * sizeof(U);
+    const std::size_t lines = (bytes + sizeof(Line) - 1) / sizeof(Line);
+    if (scratch_.size() < lines) scratch_.resize(lines);
+    return reinterpret_cast<U*>(scratch_.data());
+  }
+
  private:
+  struct alignas(64) Line {
+    unsigned char bytes[64];
+  };
   std::unique_ptr<ThreadPool> owned_;
   CpuExecutor* executor_ = nullptr;
+  std::vector<Line> scratch_;
 };
 
 using CpuContext = Context<CpuBackend>;

@@ -263,8 +263,7 @@ struct Kernels<CpuBackend, T> {
                          MatrixView<const std::int32_t> units, MatrixView<Acc> out,
                          Acc beta = Acc(0)) {
     if (broadcast(units)) {
-      const detail::RowMajorMatrix<T> selected = gather_rows(detail::eigen_map(w), units);
-      gemm(ctx, alpha, x, Op::kNoTrans, view_of(selected), Op::kTrans, beta, out);
+      gemm(ctx, alpha, x, Op::kNoTrans, gather_rows(ctx, w, units), Op::kTrans, beta, out);
       return;
     }
     const std::int64_t tasks = task_count(ctx, units.rows * units.cols, x.cols);
@@ -282,8 +281,7 @@ struct Kernels<CpuBackend, T> {
   static void gather_axpy(Ctx& ctx, Acc alpha, MatrixView<const Acc> coef, MatrixView<const T> w,
                           MatrixView<const std::int32_t> units, MatrixView<T> y) {
     if (broadcast(units)) {
-      const detail::RowMajorMatrix<T> selected = gather_rows(detail::eigen_map(w), units);
-      gemm(ctx, alpha, coef, Op::kNoTrans, view_of(selected), Op::kNoTrans, Acc(1), y);
+      gemm(ctx, alpha, coef, Op::kNoTrans, gather_rows(ctx, w, units), Op::kNoTrans, Acc(1), y);
       return;
     }
     const std::int64_t tasks = task_count(ctx, units.rows * units.cols, w.cols);
@@ -306,10 +304,13 @@ struct Kernels<CpuBackend, T> {
     auto om = detail::eigen_map(out);
     scale_in_place(om, beta);
     if (broadcast(units)) {
-      // Σ over tokens first (one GEMM), then the k rows in slot order.
-      detail::RowMajorMatrix<T> summed(units.cols, src.cols);
-      gemm(ctx, Acc(1), coef, Op::kTrans, src, Op::kNoTrans, Acc(0), view_of(summed));
-      for (std::int64_t j = 0; j < units.cols; ++j) om.row(units.data[j]) += alpha * summed.row(j);
+      // Σ over tokens first (one GEMM, into the context's scratch), then the
+      // k rows in slot order.
+      const MatrixView<T> summed(ctx.template scratch<T>(units.cols * src.cols), units.cols,
+                                 src.cols, MemorySpace::kHost);
+      gemm(ctx, Acc(1), coef, Op::kTrans, src, Op::kNoTrans, Acc(0), summed);
+      const auto sm = detail::eigen_map(MatrixView<const T>(summed));
+      for (std::int64_t j = 0; j < units.cols; ++j) om.row(units.data[j]) += alpha * sm.row(j);
       return;
     }
     const std::int64_t tasks = task_count(ctx, units.rows * units.cols, src.cols);
@@ -443,15 +444,6 @@ struct Kernels<CpuBackend, T> {
   // Column parts of a row update start on a cache line (and a whole packet).
   static constexpr std::int64_t kColumnSplitAlign = 64 / sizeof(T);
 
-  template <class M>
-  static MatrixView<T> view_of(M& m) {
-    return host_view(m.data(), m.rows(), m.cols());
-  }
-  template <class M>
-  static MatrixView<const T> view_of(const M& m) {
-    return host_view(m.data(), m.rows(), m.cols());
-  }
-
   template <class V>
   static V rows_of(V v, std::int64_t lo, std::int64_t hi) {
     v.data += lo * v.ld;
@@ -530,12 +522,14 @@ struct Kernels<CpuBackend, T> {
     return units.ld == 0 && units.rows >= kBroadcastGemmMinTokens;
   }
   static constexpr std::int64_t kBroadcastGemmMinTokens = 8;
-  template <class MapT>
-  static detail::RowMajorMatrix<T> gather_rows(const MapT& wm,
-                                               const MatrixView<const std::int32_t>& units) {
-    detail::RowMajorMatrix<T> selected(units.cols, wm.cols());
-    for (std::int64_t j = 0; j < units.cols; ++j) selected.row(j) = wm.row(units.data[j]);
-    return selected;
+  // The k rows of w the broadcast units name, copied in slot order into the
+  // context's scratch (no allocation once it has grown).
+  static MatrixView<const T> gather_rows(Ctx& ctx, const MatrixView<const T>& w,
+                                         const MatrixView<const std::int32_t>& units) {
+    T* selected = ctx.template scratch<T>(units.cols * w.cols);
+    for (std::int64_t j = 0; j < units.cols; ++j)
+      std::copy_n(w.data + std::int64_t(units.data[j]) * w.ld, w.cols, selected + j * w.cols);
+    return MatrixView<const T>(selected, units.cols, w.cols, MemorySpace::kHost);
   }
 
   template <class MapT>
