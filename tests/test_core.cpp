@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "cases/kernel_cases.hpp"
+#include "cases/unit_kernel_cases.hpp"
 #include "support/harness_cpu.hpp"
 
 using rankwise::ErrorCode;
@@ -419,3 +420,4 @@ TEST_CASE("Buffer<CpuBackend>: alignment, views, sizes", "[cpu][buffer]") {
 }
 
 RWTEST_KERNEL_TEST_CASES(rwtest::CpuHarness, "[cpu]", float, double)
+RWTEST_UNIT_KERNEL_TEST_CASES(rwtest::CpuHarness, "[cpu]", float, double)

@@ -12,11 +12,13 @@
 
 #include "cases/kernel_cases.hpp"
 #include "cases/lora_cases.hpp"
+#include "cases/unit_kernel_cases.hpp"
 #include "support/catch_session.hpp"
 #include "support/harness_cuda.cuh"
 #include "support/smora_io_cuda.cuh"
 
 RWTEST_KERNEL_TEST_CASES(rwtest::CudaHarness, "[cuda]", float, __half, __nv_bfloat16)
+RWTEST_UNIT_KERNEL_TEST_CASES(rwtest::CudaHarness, "[cuda]", float, __half, __nv_bfloat16)
 RWTEST_LORA_TEST_CASES(rwtest::CudaHarness, "[cuda]", float, __half, __nv_bfloat16)
 
 namespace {

@@ -306,6 +306,7 @@ struct Kernels<CudaBackend, T> {
 
   static void update_bias(Ctx& ctx, MatrixView<const std::int32_t> counts, float rate,
                           MatrixView<Acc> bias) {
+    if (counts.empty()) return;  // a grid of no blocks is a launch error
     detail::cuda::update_bias_kernel<<<blocks(counts.cols), kBlock, 0, ctx.stream()>>>(
         counts.data, static_cast<int>(counts.cols), rate, bias.data);
     RANKWISE_CUDA_LAUNCH_CHECK();
@@ -313,6 +314,7 @@ struct Kernels<CudaBackend, T> {
 
   static void aux_loss_grad(Ctx& ctx, MatrixView<const std::int32_t> counts, int experts_per_token,
                             Acc coefficient, MatrixView<Acc> extra) {
+    if (counts.empty()) return;
     detail::cuda::aux_loss_grad_kernel<<<
         detail::cuda::stride_grid(counts.cols, kBlock, "aux_loss_grad"), kBlock, 0, ctx.stream()>>>(
         counts.data, static_cast<int>(counts.cols), experts_per_token, coefficient, extra.data);
@@ -358,6 +360,7 @@ struct Kernels<CudaBackend, T> {
     if (out.empty()) return;
     if (units.ld == 0 && units.rows > 1) {
       if (beta != 1.0f) scale(ctx, out, beta);
+      if (units.cols == 0) return;  // nothing to add; no grid of zero rows
       // Rows of the grid are the k slots; RowTileGrid caps them at 65535.
       const dim3 grid =
           detail::cuda::to_dim3(RowTileGrid{units.cols, out.cols, kBlock}.grid(), "scatter_axpy");

@@ -129,6 +129,25 @@ inline void axpy_scalar(T alpha, const T* coef, std::int64_t coef_step, const T*
   *out = s;
 }
 
+// y[q] = start(y + q) + c0 r0[q] + c1 r1[q] + c2 r2[q] + c3 r3[q] over whole
+// packets of [lo, hi), multiply-adds in row order: the four-rows pass of
+// stream_axpy and gathered_axpy.
+template <class T, class Start>
+inline void four_row_pass(const Packet<T> (&coef)[4], const T* const (&rows)[4], T* y,
+                          std::int64_t lo, std::int64_t hi, Start&& start) {
+  using namespace Eigen::internal;
+  using P = Packet<T>;
+  constexpr std::int64_t L = kLanes<T>;
+  for (std::int64_t q = lo; q < hi; q += L) {
+    P acc = start(y + q);
+    acc = pmadd(coef[0], ploadu<P>(rows[0] + q), acc);
+    acc = pmadd(coef[1], ploadu<P>(rows[1] + q), acc);
+    acc = pmadd(coef[2], ploadu<P>(rows[2] + q), acc);
+    acc = pmadd(coef[3], ploadu<P>(rows[3] + q), acc);
+    pstoreu(y + q, acc);
+  }
+}
+
 // c's panel: at most this many elements of c (32 KiB of float, L1) and at
 // most kPanelCols columns, so each row of b is read in long contiguous runs.
 constexpr std::int64_t kPanelElements = 8192;
@@ -140,9 +159,9 @@ constexpr std::int64_t kPanelCols = 1024;
 // of b per pass over c, which stays in L1. Per element: beta * c, then one
 // multiply-add per row of b in order, so the same bits for any split.
 template <class T>
-void stream_axpy(T alpha, const T* coef, std::int64_t coef_row, std::int64_t coef_step,
-                 const T* b, std::int64_t ldb, std::int64_t m, std::int64_t k, T beta, T* c,
-                 std::int64_t ldc, std::int64_t col_begin, std::int64_t vector_end) {
+void stream_axpy(T alpha, const T* coef, std::int64_t coef_row, std::int64_t coef_step, const T* b,
+                 std::int64_t ldb, std::int64_t m, std::int64_t k, T beta, T* c, std::int64_t ldc,
+                 std::int64_t col_begin, std::int64_t vector_end) {
   using namespace Eigen::internal;
   using P = Packet<T>;
   constexpr std::int64_t L = kLanes<T>;
@@ -159,28 +178,20 @@ void stream_axpy(T alpha, const T* coef, std::int64_t coef_row, std::int64_t coe
     };
     if (k == 0) {
       for (std::int64_t i = 0; i < m; ++i)
-        for (std::int64_t q = col0; q < end; q += L) pstoreu(c + i * ldc + q, start(c + i * ldc + q));
+        for (std::int64_t q = col0; q < end; q += L)
+          pstoreu(c + i * ldc + q, start(c + i * ldc + q));
       continue;
     }
     // Four rows of b per pass over c: c is loaded and stored a quarter as often.
     std::int64_t p = 0;
     for (; p + 4 <= k; p += 4) {
-      const T* b0 = b + p * ldb;
+      const T* const rows[4] = {b + p * ldb, b + (p + 1) * ldb, b + (p + 2) * ldb,
+                                b + (p + 3) * ldb};
       for (std::int64_t i = 0; i < m; ++i) {
         const T* ai = coef + i * coef_row + p * coef_step;
-        const P c0 = pset1<P>(alpha * ai[0]);
-        const P c1 = pset1<P>(alpha * ai[coef_step]);
-        const P c2 = pset1<P>(alpha * ai[2 * coef_step]);
-        const P c3 = pset1<P>(alpha * ai[3 * coef_step]);
-        T* ci = c + i * ldc;
-        for (std::int64_t q = col0; q < end; q += L) {
-          P acc = start(ci + q);
-          acc = pmadd(c0, ploadu<P>(b0 + q), acc);
-          acc = pmadd(c1, ploadu<P>(b0 + ldb + q), acc);
-          acc = pmadd(c2, ploadu<P>(b0 + 2 * ldb + q), acc);
-          acc = pmadd(c3, ploadu<P>(b0 + 3 * ldb + q), acc);
-          pstoreu(ci + q, acc);
-        }
+        const P cs[4] = {pset1<P>(alpha * ai[0]), pset1<P>(alpha * ai[coef_step]),
+                         pset1<P>(alpha * ai[2 * coef_step]), pset1<P>(alpha * ai[3 * coef_step])};
+        four_row_pass<T>(cs, rows, c + i * ldc, col0, end, start);
       }
       first = false;
     }
@@ -260,15 +271,13 @@ template <class T>
 void rows_axpy(T alpha, const T* coef, std::int64_t coef_row, std::int64_t coef_step, const T* b,
                std::int64_t ldb, std::int64_t m, std::int64_t k, T beta, T* c, std::int64_t ldc,
                std::int64_t col_begin, std::int64_t col_end) {
-  using namespace Eigen::internal;
   constexpr std::int64_t L = kLanes<T>;
   const std::int64_t vector_end = col_begin + (col_end - col_begin) / L * L;
   if (m <= kStreamRows)
     stream_axpy(alpha, coef, coef_row, coef_step, b, ldb, m, k, beta, c, ldc, col_begin,
                 vector_end);
   else
-    tiled_axpy(alpha, coef, coef_row, coef_step, b, ldb, m, k, beta, c, ldc, col_begin,
-               vector_end);
+    tiled_axpy(alpha, coef, coef_row, coef_step, b, ldb, m, k, beta, c, ldc, col_begin, vector_end);
   for (std::int64_t col = vector_end; col < col_end; ++col) {
     for (std::int64_t i = 0; i < m; ++i)
       axpy_scalar(alpha, coef + i * coef_row, coef_step, b + col, ldb, k, beta, c + i * ldc + col);
@@ -299,8 +308,7 @@ void gathered_dots(T alpha, const T* x, const T* const* rows, std::int64_t count
 /// stays in L1; per element one multiply-add per row in order, whole packets,
 /// then scalars past the last one.
 template <class T>
-void gathered_axpy(const T* coef, const T* const* rows, std::int64_t count, std::int64_t n,
-                   T* y) {
+void gathered_axpy(const T* coef, const T* const* rows, std::int64_t count, std::int64_t n, T* y) {
   using namespace Eigen::internal;
   using P = Packet<T>;
   constexpr std::int64_t L = kLanes<T>;
@@ -309,17 +317,10 @@ void gathered_axpy(const T* coef, const T* const* rows, std::int64_t count, std:
     const std::int64_t end = std::min(vector_end, col0 + kPanelCols);
     std::int64_t j = 0;
     for (; j + 4 <= count; j += 4) {
-      const P c0 = pset1<P>(coef[j]), c1 = pset1<P>(coef[j + 1]);
-      const P c2 = pset1<P>(coef[j + 2]), c3 = pset1<P>(coef[j + 3]);
-      const T *r0 = rows[j], *r1 = rows[j + 1], *r2 = rows[j + 2], *r3 = rows[j + 3];
-      for (std::int64_t q = col0; q < end; q += L) {
-        P acc = ploadu<P>(y + q);
-        acc = pmadd(c0, ploadu<P>(r0 + q), acc);
-        acc = pmadd(c1, ploadu<P>(r1 + q), acc);
-        acc = pmadd(c2, ploadu<P>(r2 + q), acc);
-        acc = pmadd(c3, ploadu<P>(r3 + q), acc);
-        pstoreu(y + q, acc);
-      }
+      const P cs[4] = {pset1<P>(coef[j]), pset1<P>(coef[j + 1]), pset1<P>(coef[j + 2]),
+                       pset1<P>(coef[j + 3])};
+      const T* const four[4] = {rows[j], rows[j + 1], rows[j + 2], rows[j + 3]};
+      four_row_pass<T>(cs, four, y, col0, end, [](const T* yq) { return ploadu<P>(yq); });
     }
     for (; j < count; ++j) {
       const P cj = pset1<P>(coef[j]);
