@@ -58,11 +58,15 @@ class WorkspaceCarver {
   /// Bytes taken so far, padding included: a counting carver's result.
   std::size_t used() const { return used_; }
 
+  /// The next rows x cols block of T. A counting carver names a size
+  /// overflow after `what` (the block, as *_workspace_bytes reports it), a
+  /// carving one after its owner (the op).
   template <class T>
-  MatrixView<T> take(std::int64_t rows, std::int64_t cols) {
-    const std::size_t need = workspace_block_bytes<T>(rows, cols, owner_);
+  MatrixView<T> take(std::int64_t rows, std::int64_t cols, const char* what = nullptr) {
+    const char* name = counting_ && what != nullptr ? what : owner_;
+    const std::size_t need = workspace_block_bytes<T>(rows, cols, name);
     if (counting_) {
-      used_ = checked_add_bytes(used_, need, owner_);
+      used_ = checked_add_bytes(used_, need, name);
       return MatrixView<T>(nullptr, rows, cols, space_);
     }
     // need <= bytes_ - used_, not used_ + need <= bytes_: the sum may wrap.
@@ -96,5 +100,14 @@ class WorkspaceCarver {
   const char* owner_;
   bool counting_ = false;
 };
+
+/// The bytes a workspace plan takes: `plan(carver)` run through a counting
+/// carver. Every *_workspace_bytes is this over the plan its op carves.
+template <class Plan>
+std::size_t planned_workspace_bytes(const char* owner, Plan&& plan) {
+  WorkspaceCarver carver = WorkspaceCarver::counting(MemorySpace::kHost, owner);
+  plan(carver);
+  return carver.used();
+}
 
 }  // namespace rankwise

@@ -19,19 +19,41 @@
 
 namespace rankwise {
 
+namespace detail {
+
+// The workspace of lora_forward (H = X Aᵀ) and lora_backward (H and dH), each
+// n x r: the one layout that the ops carve and *_workspace_bytes counts.
+template <class T>
+struct LoraBlocks {
+  MatrixView<T> h, dh;
+};
+template <class T>
+LoraBlocks<T> plan_lora(WorkspaceCarver& carve, bool backward, std::int64_t n, std::int64_t rank) {
+  const char* what =
+      backward ? "lora_backward workspace H, dH (n x r)" : "lora_forward workspace H (n x r)";
+  LoraBlocks<T> blocks;
+  blocks.h = carve.take<T>(n, rank, what);
+  if (backward) blocks.dh = carve.take<T>(n, rank, what);
+  return blocks;
+}
+
+}  // namespace detail
+
 /// Workspace bytes lora_forward needs for n tokens at rank r: H = X Aᵀ (n x r).
 /// Throws rankwise::error naming n and r when the size overflows int64.
 template <class T>
 std::size_t lora_forward_workspace_bytes(std::int64_t n, std::int64_t rank) {
-  return workspace_block_bytes<T>(n, rank, "lora_forward workspace H (n x r)");
+  return planned_workspace_bytes("lora_forward_workspace_bytes", [&](WorkspaceCarver& c) {
+    detail::plan_lora<T>(c, false, n, rank);
+  });
 }
 
 /// Workspace bytes lora_backward needs: H and dH (each n x r); throws as the forward's.
 template <class T>
 std::size_t lora_backward_workspace_bytes(std::int64_t n, std::int64_t rank) {
-  return workspace_blocks_bytes(
-      2, workspace_block_bytes<T>(n, rank, "lora_backward workspace H, dH (n x r)"),
-      "lora_backward workspace H, dH (n x r)");
+  return planned_workspace_bytes("lora_backward_workspace_bytes", [&](WorkspaceCarver& c) {
+    detail::plan_lora<T>(c, true, n, rank);
+  });
 }
 
 namespace detail {
@@ -94,7 +116,7 @@ void lora_forward(Context<Backend>& ctx, double scale, MatrixView<const T> x, Ma
   check_no_overlap("lora_forward", y, "y (n x d_out)", bt, "bt (r x d_out)");
   if (x.rows == 0) return;
   WorkspaceCarver carve(workspace, workspace_bytes, space, "lora_forward");
-  MatrixView<T> h = carve.take<T>(x.rows, a.rows);  // (n, r)
+  const MatrixView<T> h = detail::plan_lora<T>(carve, false, x.rows, a.rows).h;  // (n, r)
   carve.check_disjoint(x, "x (n x d_in)");
   carve.check_disjoint(y, "y (n x d_out)");
   carve.check_disjoint(a, "a (r x d_in)");
@@ -136,8 +158,8 @@ void lora_backward(Context<Backend>& ctx, double scale, MatrixView<const T> x,
     return;
   }
   WorkspaceCarver carve(workspace, workspace_bytes, space, "lora_backward");
-  MatrixView<T> h = carve.take<T>(x.rows, a.rows);   // (n, r)
-  MatrixView<T> dh = carve.take<T>(x.rows, a.rows);  // (n, r)
+  const detail::LoraBlocks<T> blocks = detail::plan_lora<T>(carve, true, x.rows, a.rows);
+  const MatrixView<T> h = blocks.h, dh = blocks.dh;  // (n, r) each
   carve.check_disjoint(x, "x (n x d_in)");
   carve.check_disjoint(a, "a (r x d_in)");
   carve.check_disjoint(bt, "bt (r x d_out)");

@@ -139,9 +139,9 @@ std::size_t mos_workspace_bytes(MosCall call, const char* fn, const ShardPoolCon
                                 const MosConfig& config, std::int64_t n, ShardPath path) {
   config.validate(pool);
   RANKWISE_CHECK(n >= 0, fn, ": n must be non-negative, got ", n);
-  WorkspaceCarver count = WorkspaceCarver::counting(Backend::kMemorySpace, fn);
-  plan_mos<T>(count, call, resolve_shard_path<Backend, T>(path, n), n, config.rank, pool);
-  return count.used();
+  const ShardPath resolved = resolve_shard_path<Backend, T>(path, n);
+  return planned_workspace_bytes(
+      fn, [&](WorkspaceCarver& c) { plan_mos<T>(c, call, resolved, n, config.rank, pool); });
 }
 
 // Columns [c · width, (c + 1) · width) of m: chunk c of every row.

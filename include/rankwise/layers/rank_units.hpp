@@ -187,38 +187,93 @@ std::int64_t dense_backward_mixed_scratch(std::int64_t n, std::int64_t r) {
 }
 }  // namespace detail
 
-/// Workspace bytes for rank_units_forward with n tokens, k units per token,
-/// rank r. Throws rankwise::error naming n, k or r when a size overflows int64.
+namespace detail {
+
+// The workspaces of rank_units_forward / rank_units_backward, one plan per op
+// and path: the ops carve them, *_workspace_bytes counts the larger path.
 template <class T>
-std::size_t rank_units_forward_workspace_bytes(std::int64_t n, std::int64_t k, std::int64_t r) {
+struct RankUnitBlocks {
   using Acc = accumulator_t<T>;
-  constexpr const char* what = "rank_units_forward_workspace_bytes";
-  const std::size_t nk = workspace_block_bytes<Acc>(n, k, "rank_units_forward workspace (n x k)");
-  const std::size_t sparse = workspace_blocks_bytes(2, nk, what);
-  // Dense: H and the gates (n x r, Acc), and gemm_mixed's scratch for y += P Bt.
-  const std::size_t nr = workspace_block_bytes<Acc>(n, r, "rank_units_forward workspace (n x r)");
-  const std::size_t dense =
-      checked_add_bytes(workspace_blocks_bytes(2, nr, what),
-                        workspace_block_bytes<Acc>(1, gemm_mixed_scratch<T>(n, r), what), what);
-  return sparse > dense ? sparse : dense;
+  MatrixView<Acc> dgates;              // backward, when the caller passes none (n x k)
+  MatrixView<Acc> h, dp, gate, coef;   // sparse (n x k); dense h, dp, gate (n x r)
+  MatrixView<Acc> hsel, dpsel, mixed;  // dense backward (n x k); gemm_mixed scratch
+};
+
+template <class T>
+RankUnitBlocks<T> plan_rank_units_forward(WorkspaceCarver& carve, RankUnitPath path, std::int64_t n,
+                                          std::int64_t k, std::int64_t r) {
+  using Acc = accumulator_t<T>;
+  RankUnitBlocks<T> b;
+  if (path == RankUnitPath::kSparse) {
+    const char* nk = "rank_units_forward workspace (n x k)";
+    b.h = carve.take<Acc>(n, k, nk);     // a_u · x_n
+    b.coef = carve.take<Acc>(n, k, nk);  // gate · h
+    return b;
+  }
+  // Dense: H and the gates (n x r), and gemm_mixed's scratch for y += P Bt.
+  const char* nr = "rank_units_forward workspace (n x r)";
+  b.h = carve.take<Acc>(n, r, nr);     // X Aᵀ, then masked by the gates
+  b.gate = carve.take<Acc>(n, r, nr);  // dense gates, 0 off the selection
+  b.mixed = carve.take<Acc>(1, gemm_mixed_scratch<T>(n, r), "rank_units_forward_workspace_bytes");
+  return b;
 }
 
-/// Workspace bytes for rank_units_backward; throws as the forward's.
+template <class T>
+RankUnitBlocks<T> plan_rank_units_backward(WorkspaceCarver& carve, RankUnitPath path,
+                                           std::int64_t n, std::int64_t k, std::int64_t r,
+                                           bool own_dgates) {
+  using Acc = accumulator_t<T>;
+  const char* nk = "rank_units_backward workspace (n x k)";
+  RankUnitBlocks<T> b;
+  if (own_dgates) b.dgates = carve.take<Acc>(n, k, nk);
+  if (path == RankUnitPath::kSparse) {
+    b.h = carve.take<Acc>(n, k, nk);     // a_u · x_n
+    b.dp = carve.take<Acc>(n, k, nk);    // scale · bt_u · dy_n
+    b.coef = carve.take<Acc>(n, k, nk);  // gate · h, then dH
+    return b;
+  }
+  // Dense: H, dH and the gates (n x r), the selected H and dH (n x k), and
+  // gemm_mixed's scratch for dBt, dA (r rows over n) and dx (n rows over r).
+  const char* nr = "rank_units_backward workspace (n x r)";
+  b.h = carve.take<Acc>(n, r, nr);     // X Aᵀ, then P = gate ⊙ H
+  b.dp = carve.take<Acc>(n, r, nr);    // scale · dY Bt ᵀ, then dH
+  b.gate = carve.take<Acc>(n, r, nr);  // dense gates
+  b.hsel = carve.take<Acc>(n, k, nk);
+  b.dpsel = carve.take<Acc>(n, k, nk);
+  b.mixed = carve.take<Acc>(1, dense_backward_mixed_scratch<T>(n, r),
+                            "rank_units_backward_workspace_bytes");
+  return b;
+}
+
+}  // namespace detail
+
+/// Workspace bytes for rank_units_forward with n tokens, k units per token,
+/// rank r, on either path. Throws rankwise::error naming n, k or r when a
+/// size overflows int64.
+template <class T>
+std::size_t rank_units_forward_workspace_bytes(std::int64_t n, std::int64_t k, std::int64_t r) {
+  std::size_t most = 0;
+  for (const RankUnitPath path : {RankUnitPath::kSparse, RankUnitPath::kDense}) {
+    const std::size_t bytes = planned_workspace_bytes(
+        "rank_units_forward_workspace_bytes",
+        [&](WorkspaceCarver& c) { detail::plan_rank_units_forward<T>(c, path, n, k, r); });
+    most = bytes > most ? bytes : most;
+  }
+  return most;
+}
+
+/// Workspace bytes for rank_units_backward (dgates carved when the caller
+/// passes none); throws as the forward's.
 template <class T>
 std::size_t rank_units_backward_workspace_bytes(std::int64_t n, std::int64_t k, std::int64_t r) {
-  using Acc = accumulator_t<T>;
-  constexpr const char* what = "rank_units_backward_workspace_bytes";
-  const std::size_t nk = workspace_block_bytes<Acc>(n, k, "rank_units_backward workspace (n x k)");
-  const std::size_t sparse = workspace_blocks_bytes(4, nk, what);
-  // Both paths may also carve dgates (n x k) when the caller passes none.
-  // Dense: H, dH and the gates (n x r, Acc), and gemm_mixed's scratch for
-  // dBt, dA (r rows over n) and dx (n rows over r), one block reused.
-  const std::size_t nr = workspace_block_bytes<Acc>(n, r, "rank_units_backward workspace (n x r)");
-  const std::size_t dense = checked_add_bytes(
-      checked_add_bytes(workspace_blocks_bytes(3, nr, what), workspace_blocks_bytes(3, nk, what),
-                        what),
-      workspace_block_bytes<Acc>(1, detail::dense_backward_mixed_scratch<T>(n, r), what), what);
-  return sparse > dense ? sparse : dense;
+  std::size_t most = 0;
+  for (const RankUnitPath path : {RankUnitPath::kSparse, RankUnitPath::kDense}) {
+    const std::size_t bytes = planned_workspace_bytes(
+        "rank_units_backward_workspace_bytes",
+        [&](WorkspaceCarver& c) { detail::plan_rank_units_backward<T>(c, path, n, k, r, true); });
+    most = bytes > most ? bytes : most;
+  }
+  return most;
 }
 
 /// y += scale · Σ_j gates[n][j] · bt[u] (a[u] · x[n]), u = units[n][j].
@@ -256,25 +311,21 @@ void rank_units_forward(Context<Backend>& ctx, double scale, MatrixView<const T>
   if (n == 0) return;
   WorkspaceCarver carve(workspace, workspace_bytes, space, fn);
   const auto s = static_cast<Acc>(scale);
-  if (detail::resolve_path<Backend, T>(path, n, k, r) == RankUnitPath::kSparse) {
-    MatrixView<Acc> h = carve.take<Acc>(n, k);     // a_u · x_n
-    MatrixView<Acc> coef = carve.take<Acc>(n, k);  // gate · h
-    detail::check_outside_workspace(carve, x, y, a, bt, routing);
-    K::gather_dot(ctx, Acc(1), x, a, routing.units, h);
-    K::hadamard(ctx, h, routing.gates, coef);
-    K::gather_axpy(ctx, s, coef, bt, routing.units, y);
+  const RankUnitPath resolved = detail::resolve_path<Backend, T>(path, n, k, r);
+  const detail::RankUnitBlocks<T> b = detail::plan_rank_units_forward<T>(carve, resolved, n, k, r);
+  detail::check_outside_workspace(carve, x, y, a, bt, routing);
+  if (resolved == RankUnitPath::kSparse) {
+    K::gather_dot(ctx, Acc(1), x, a, routing.units, b.h);
+    K::hadamard(ctx, b.h, routing.gates, b.coef);
+    K::gather_axpy(ctx, s, b.coef, bt, routing.units, y);
     return;
   }
   // H and P = gate ⊙ H stay in Acc up to the product with Bt: in half, small
   // gates underflow and large gates x H overflow.
-  MatrixView<Acc> h = carve.take<Acc>(n, r);     // X Aᵀ, then masked by the gates
-  MatrixView<Acc> gate = carve.take<Acc>(n, r);  // dense gates, 0 off the selection
-  MatrixView<Acc> mixed = carve.take<Acc>(1, gemm_mixed_scratch<T>(n, r));
-  detail::check_outside_workspace(carve, x, y, a, bt, routing);
-  K::gemm_acc(ctx, Acc(1), x, Op::kNoTrans, a, Op::kTrans, Acc(0), h);
-  K::densify(ctx, routing.units, routing.gates, gate);
-  Kernels<Backend, Acc>::scale_by(ctx, gate, h);
-  K::gemm_mixed(ctx, s, h, Op::kNoTrans, bt, Op::kNoTrans, Acc(1), y, mixed);
+  K::gemm_acc(ctx, Acc(1), x, Op::kNoTrans, a, Op::kTrans, Acc(0), b.h);
+  K::densify(ctx, routing.units, routing.gates, b.gate);
+  Kernels<Backend, Acc>::scale_by(ctx, b.gate, b.h);
+  K::gemm_mixed(ctx, s, b.h, Op::kNoTrans, bt, Op::kNoTrans, Acc(1), y, b.mixed);
 }
 
 /// Gradients of rank_units_forward given dy (n x d_out):
@@ -322,42 +373,37 @@ void rank_units_backward(Context<Backend>& ctx, double scale, MatrixView<const T
   }
   WorkspaceCarver carve(workspace, workspace_bytes, space, fn);
   const auto s = static_cast<Acc>(scale);
-  MatrixView<Acc> dg = dgates.empty() ? carve.take<Acc>(n, k) : dgates;
-  if (detail::resolve_path<Backend, T>(path, n, k, r) == RankUnitPath::kSparse) {
-    MatrixView<Acc> h = carve.take<Acc>(n, k);   // a_u · x_n
-    MatrixView<Acc> dp = carve.take<Acc>(n, k);  // scale · bt_u · dy_n
-    MatrixView<Acc> tmp = carve.take<Acc>(n, k);
-    detail::check_gradients_outside_workspace(carve, x, a, bt, routing, dy, dx, da, dbt, dgates);
-    K::gather_dot(ctx, Acc(1), x, a, routing.units, h);
-    K::gather_dot(ctx, s, dy, bt, routing.units, dp);
-    K::hadamard(ctx, dp, h, dg);
-    K::hadamard(ctx, h, routing.gates, tmp);  // gate · h
-    K::scatter_axpy(ctx, s, tmp, dy, routing.units, beta, dbt);
-    K::hadamard(ctx, dp, routing.gates, tmp);  // dH
-    K::scatter_axpy(ctx, Acc(1), tmp, x, routing.units, beta, da);
-    if (!dx.empty()) K::gather_axpy(ctx, Acc(1), tmp, a, routing.units, dx);
+  const RankUnitPath resolved = detail::resolve_path<Backend, T>(path, n, k, r);
+  const detail::RankUnitBlocks<T> b =
+      detail::plan_rank_units_backward<T>(carve, resolved, n, k, r, dgates.empty());
+  const MatrixView<Acc> dg = dgates.empty() ? b.dgates : dgates;
+  detail::check_gradients_outside_workspace(carve, x, a, bt, routing, dy, dx, da, dbt, dgates);
+  if (resolved == RankUnitPath::kSparse) {
+    K::gather_dot(ctx, Acc(1), x, a, routing.units, b.h);
+    K::gather_dot(ctx, s, dy, bt, routing.units, b.dp);
+    K::hadamard(ctx, b.dp, b.h, dg);
+    K::hadamard(ctx, b.h, routing.gates, b.coef);  // gate · h
+    K::scatter_axpy(ctx, s, b.coef, dy, routing.units, beta, dbt);
+    K::hadamard(ctx, b.dp, routing.gates, b.coef);  // dH
+    K::scatter_axpy(ctx, Acc(1), b.coef, x, routing.units, beta, da);
+    if (!dx.empty()) K::gather_axpy(ctx, Acc(1), b.coef, a, routing.units, dx);
     return;
   }
   // H, dH and their gated forms stay in Acc up to the products with dY, X, A.
   using KA = Kernels<Backend, Acc>;
-  MatrixView<Acc> h = carve.take<Acc>(n, r);     // X Aᵀ, then P = gate ⊙ H
-  MatrixView<Acc> dp = carve.take<Acc>(n, r);    // scale · dY Bt ᵀ, then dH
-  MatrixView<Acc> gate = carve.take<Acc>(n, r);  // dense gates
-  MatrixView<Acc> hsel = carve.take<Acc>(n, k);
-  MatrixView<Acc> dpsel = carve.take<Acc>(n, k);
-  MatrixView<Acc> mixed = carve.take<Acc>(1, detail::dense_backward_mixed_scratch<T>(n, r));
-  detail::check_gradients_outside_workspace(carve, x, a, bt, routing, dy, dx, da, dbt, dgates);
-  K::gemm_acc(ctx, Acc(1), x, Op::kNoTrans, a, Op::kTrans, Acc(0), h);
-  K::gemm_acc(ctx, s, dy, Op::kNoTrans, bt, Op::kTrans, Acc(0), dp);
-  KA::gather_cols(ctx, h, routing.units, hsel);
-  KA::gather_cols(ctx, dp, routing.units, dpsel);
-  K::hadamard(ctx, dpsel, hsel, dg);
-  K::densify(ctx, routing.units, routing.gates, gate);
-  KA::scale_by(ctx, gate, h);
-  KA::scale_by(ctx, gate, dp);
-  K::gemm_mixed(ctx, s, h, Op::kTrans, dy, Op::kNoTrans, beta, dbt, mixed);
-  K::gemm_mixed(ctx, Acc(1), dp, Op::kTrans, x, Op::kNoTrans, beta, da, mixed);
-  if (!dx.empty()) K::gemm_mixed(ctx, Acc(1), dp, Op::kNoTrans, a, Op::kNoTrans, Acc(1), dx, mixed);
+  K::gemm_acc(ctx, Acc(1), x, Op::kNoTrans, a, Op::kTrans, Acc(0), b.h);
+  K::gemm_acc(ctx, s, dy, Op::kNoTrans, bt, Op::kTrans, Acc(0), b.dp);
+  KA::gather_cols(ctx, b.h, routing.units, b.hsel);
+  KA::gather_cols(ctx, b.dp, routing.units, b.dpsel);
+  K::hadamard(ctx, b.dpsel, b.hsel, dg);
+  K::densify(ctx, routing.units, routing.gates, b.gate);
+  KA::scale_by(ctx, b.gate, b.h);
+  KA::scale_by(ctx, b.gate, b.dp);
+  K::gemm_mixed(ctx, s, b.h, Op::kTrans, dy, Op::kNoTrans, beta, dbt, b.mixed);
+  K::gemm_mixed(ctx, Acc(1), b.dp, Op::kTrans, x, Op::kNoTrans, beta, da, b.mixed);
+  if (!dx.empty()) {
+    K::gemm_mixed(ctx, Acc(1), b.dp, Op::kNoTrans, a, Op::kNoTrans, Acc(1), dx, b.mixed);
+  }
 }
 
 }  // namespace rankwise

@@ -40,8 +40,9 @@ void check_routing_buffers(const RoutingBuffers<Acc>& out, const RouterConfig& c
                            std::int64_t n) {
   constexpr MemorySpace space = Backend::kMemorySpace;
   check_view(out.scores, "routing.scores (n x E)", n, cfg.num_experts(), space);
-  check_view(out.experts, cfg.bias_per_rank ? "routing.experts (n x k)" : "routing.experts (n x k/g)",
-             n, cfg.choices_per_token(), space);
+  check_view(out.experts,
+             cfg.bias_per_rank ? "routing.experts (n x k)" : "routing.experts (n x k/g)", n,
+             cfg.choices_per_token(), space);
   check_view(out.units, "routing.units (n x k)", n, cfg.top_k, space);
   check_view(out.gates, "routing.gates (n x k)", n, cfg.top_k, space);
   check_view(out.counts, cfg.bias_per_rank ? "routing.counts (1 x r)" : "routing.counts (1 x E)", 1,
@@ -110,15 +111,6 @@ void check_router_gradient_overlaps(const char* fn, const MatrixView<const T>& x
 
 }  // namespace detail
 
-/// Workspace bytes for router_forward / router_forward_from_logits.
-template <class T>
-std::size_t router_forward_workspace_bytes(std::int64_t n, const RouterConfig& cfg) {
-  return checked_add_bytes(workspace_block_bytes<accumulator_t<T>>(
-                               n, cfg.num_experts(), "router_forward workspace logits (n x E)"),
-                           workspace_block_bytes<std::int32_t>(1, 1),
-                           "router_forward_workspace_bytes");
-}
-
 namespace detail {
 // gemm_mixed scratch of router_backward: dwr has E rows over an inner n, dx
 // n rows over an inner E; one block serves both.
@@ -128,27 +120,59 @@ std::int64_t router_mixed_scratch(std::int64_t n, std::int64_t num_experts) {
   const std::int64_t dx = gemm_mixed_scratch<T>(n, num_experts);
   return dwr > dx ? dwr : dx;
 }
+
+// The workspaces of router_forward (and router_forward_from_logits, which
+// router_forward calls on the same workspace, so both carve this one layout)
+// and router_backward; *_workspace_bytes counts the same plans.
+template <class T>
+struct RouterBlocks {
+  using Acc = accumulator_t<T>;
+  MatrixView<Acc> logits;        // forward: x wrᵀ (n x E)
+  MatrixView<std::int32_t> bad;  // forward: tokens with non-finite logits (1 x 1)
+  MatrixView<Acc> dlogits, scratch, extra, dbias_tokens, mixed;  // backward
+};
+
+template <class T>
+RouterBlocks<T> plan_router_forward(WorkspaceCarver& carve, std::int64_t n,
+                                    const RouterConfig& cfg) {
+  RouterBlocks<T> b;
+  b.logits =
+      carve.take<accumulator_t<T>>(n, cfg.num_experts(), "router_forward workspace logits (n x E)");
+  b.bad = carve.take<std::int32_t>(1, 1, "router_forward_workspace_bytes");
+  return b;
+}
+
+template <class T>
+RouterBlocks<T> plan_router_backward(WorkspaceCarver& carve, std::int64_t n,
+                                     const RouterConfig& cfg) {
+  using Acc = accumulator_t<T>;
+  const char* what = "router_backward_workspace_bytes";
+  const char* per_token = "router_backward workspace (n x E)";
+  RouterBlocks<T> b;
+  // dlogits stays in Acc up to dwr and dx: in half it would underflow below 6e-8.
+  b.dlogits = carve.take<Acc>(n, cfg.num_experts(), per_token);
+  b.scratch = carve.take<Acc>(n, cfg.num_experts(), per_token);
+  b.extra = carve.take<Acc>(1, cfg.num_experts(), what);
+  b.dbias_tokens = carve.take<Acc>(n, cfg.num_choices(), "router_backward workspace dbias (n x C)");
+  b.mixed = carve.take<Acc>(1, router_mixed_scratch<T>(n, cfg.num_experts()), what);
+  return b;
+}
 }  // namespace detail
+
+/// Workspace bytes for router_forward / router_forward_from_logits.
+template <class T>
+std::size_t router_forward_workspace_bytes(std::int64_t n, const RouterConfig& cfg) {
+  return planned_workspace_bytes("router_forward_workspace_bytes", [&](WorkspaceCarver& c) {
+    detail::plan_router_forward<T>(c, n, cfg);
+  });
+}
 
 /// Workspace bytes for router_backward (with or without dbias).
 template <class T>
 std::size_t router_backward_workspace_bytes(std::int64_t n, const RouterConfig& cfg) {
-  using Acc = accumulator_t<T>;
-  constexpr const char* what = "router_backward_workspace_bytes";
-  const char* per_token = "router_backward workspace (n x E)";
-  // dlogits stays in Acc up to dwr and dx: in half it would underflow below 6e-8.
-  std::size_t bytes = workspace_block_bytes<Acc>(n, cfg.num_experts(), per_token);
-  bytes =
-      checked_add_bytes(bytes, workspace_block_bytes<Acc>(n, cfg.num_experts(), per_token), what);
-  bytes = checked_add_bytes(bytes, workspace_block_bytes<Acc>(1, cfg.num_experts(), what), what);
-  return checked_add_bytes(
-      bytes,
-      checked_add_bytes(workspace_block_bytes<Acc>(n, cfg.num_choices(),
-                                                   "router_backward workspace dbias (n x C)"),
-                        workspace_block_bytes<Acc>(
-                            1, detail::router_mixed_scratch<T>(n, cfg.num_experts()), what),
-                        what),
-      what);
+  return planned_workspace_bytes("router_backward_workspace_bytes", [&](WorkspaceCarver& c) {
+    detail::plan_router_backward<T>(c, n, cfg);
+  });
 }
 
 /// Routes n tokens from given logits (n x E, Acc). bias: (1 x C) Acc or empty,
@@ -171,7 +195,8 @@ void router_forward_from_logits(Context<Backend>& ctx, const RouterConfig& cfg,
   const std::int64_t n = logits.rows;
   check_view(logits, "logits (n x E)", n, cfg.num_experts(), space);
   if (!bias.empty() || bias.data != nullptr) {
-    check_view(bias, cfg.bias_per_rank ? "bias (1 x r)" : "bias (1 x E)", 1, cfg.num_choices(), space);
+    check_view(bias, cfg.bias_per_rank ? "bias (1 x r)" : "bias (1 x E)", 1, cfg.num_choices(),
+               space);
   }
   detail::check_mask<Backend>(mask, n);
   detail::check_routing_buffers<Backend>(out, cfg, n);
@@ -181,8 +206,8 @@ void router_forward_from_logits(Context<Backend>& ctx, const RouterConfig& cfg,
   detail::check_routing_disjoint(fn, out, bias, "bias");
   detail::check_routing_disjoint(fn, out, mask, "mask (1 x n)");
   WorkspaceCarver carve(workspace, workspace_bytes, space, "router_forward");
-  carve.take<accumulator_t<T>>(n, cfg.num_experts());  // keeps the layout of router_forward
-  MatrixView<std::int32_t> bad = carve.take<std::int32_t>(1, 1);
+  // router_forward's layout: its logits (which may be `logits` here) stay untouched.
+  const MatrixView<std::int32_t> bad = detail::plan_router_forward<T>(carve, n, cfg).bad;
   carve.check_disjoint(out.scores, "routing.scores");
   carve.check_disjoint(out.experts, "routing.experts");
   carve.check_disjoint(out.units, "routing.units");
@@ -214,7 +239,7 @@ void router_forward(Context<Backend>& ctx, const RouterConfig& cfg, MatrixView<c
   detail::check_routing_disjoint("router_forward", out, x, "x (n x d_in)");
   detail::check_routing_disjoint("router_forward", out, wr, "router weight wr (E x d_in)");
   WorkspaceCarver carve(workspace, workspace_bytes, space, "router_forward");
-  MatrixView<Acc> logits = carve.take<Acc>(x.rows, cfg.num_experts());
+  const MatrixView<Acc> logits = detail::plan_router_forward<T>(carve, x.rows, cfg).logits;
   carve.check_disjoint(x, "x (n x d_in)");
   carve.check_disjoint(wr, "router weight wr (E x d_in)");
   Kernels<Backend, T>::gemm_acc(ctx, Acc(1), x, Op::kNoTrans, wr, Op::kTrans, Acc(0), logits);
@@ -256,7 +281,8 @@ void router_backward(Context<Backend>& ctx, const RouterConfig& cfg, MatrixView<
   check_view(dwr, "dwr (E x d_in)", num_experts, wr.cols, space);
   if (!dx.empty() || dx.data != nullptr) check_view(dx, "dx (n x d_in)", n, wr.cols, space);
   const bool want_dbias = !dbias.empty() || dbias.data != nullptr;
-  if (want_dbias) check_view(dbias, cfg.bias_per_rank ? "dbias (1 x r)" : "dbias (1 x E)", 1, cfg.num_choices(),
+  if (want_dbias)
+    check_view(dbias, cfg.bias_per_rank ? "dbias (1 x r)" : "dbias (1 x E)", 1, cfg.num_choices(),
                space);
   RANKWISE_CHECK(std::isfinite(aux_loss_coef) && aux_loss_coef >= 0.0,
                  "router_backward: aux_loss_coef must be finite and >= 0, got ", aux_loss_coef);
@@ -275,11 +301,9 @@ void router_backward(Context<Backend>& ctx, const RouterConfig& cfg, MatrixView<
     return;
   }
   WorkspaceCarver carve(workspace, workspace_bytes, space, "router_backward");
-  MatrixView<Acc> dlogits = carve.take<Acc>(n, num_experts);  // Acc: see the workspace size
-  MatrixView<Acc> scratch = carve.take<Acc>(n, num_experts);
-  MatrixView<Acc> extra = carve.take<Acc>(1, num_experts);
-  MatrixView<Acc> dbias_tokens = carve.take<Acc>(n, cfg.num_choices());
-  MatrixView<Acc> mixed = carve.take<Acc>(1, detail::router_mixed_scratch<T>(n, num_experts));
+  const detail::RouterBlocks<T> blocks = detail::plan_router_backward<T>(carve, n, cfg);
+  const MatrixView<Acc> dlogits = blocks.dlogits, scratch = blocks.scratch, extra = blocks.extra;
+  const MatrixView<Acc> dbias_tokens = blocks.dbias_tokens, mixed = blocks.mixed;
   carve.check_disjoint(dx, "dx (n x d_in)");
   carve.check_disjoint(dwr, "dwr (E x d_in)");
   carve.check_disjoint(dbias, "dbias");
@@ -326,7 +350,8 @@ void router_update_bias(Context<Backend>& ctx, const RouterConfig& cfg,
   constexpr MemorySpace space = Backend::kMemorySpace;
   check_view(counts, cfg.bias_per_rank ? "counts (1 x r)" : "counts (1 x E)", 1, cfg.num_choices(),
              space);
-  check_view(bias, cfg.bias_per_rank ? "bias (1 x r)" : "bias (1 x E)", 1, cfg.num_choices(), space);
+  check_view(bias, cfg.bias_per_rank ? "bias (1 x r)" : "bias (1 x E)", 1, cfg.num_choices(),
+             space);
   Kernels<Backend, T>::update_bias(ctx, counts, cfg.bias_update_rate, bias);
 }
 
