@@ -74,7 +74,9 @@ void check(const char* what, double error, double tolerance) {
   std::printf("  %-58s %.2e  (tolerance %.0e) %s\n", what, error, tolerance, ok ? "OK" : "FAILED");
 }
 
+#if defined(RANKWISE_DEMO_WITH_CUDA)
 std::vector<float> to_vector(const Mat& m) { return std::vector<float>(m.data(), m.data() + m.size()); }
+#endif
 
 }  // namespace
 
