@@ -17,6 +17,7 @@
 #include "rankwise/core/shard_config.hpp"
 #include "rankwise/core/shard_indices.hpp"
 #include "rankwise/core/workspace.hpp"
+#include "rankwise/layers/lora_ops.hpp"
 #include "rankwise/layers/rank_units.hpp"
 
 namespace rankwise {
@@ -104,11 +105,11 @@ enum class MosCall { kForward, kBackward, kAssemble };
 template <class T>
 struct MosBlocks {
   using Acc = accumulator_t<T>;
-  MatrixView<Acc> h, dh;  // direct path: H = X Aᵀ, dH = s dY B (n x r)
-  MatrixView<T> a, bt;    // assembled A (r x d_in), Bᵀ (r x d_out)
-  MatrixView<Acc> ones;   // (r·l x 1): the coefficients of the gathers and scatters
-  MatrixView<T> ht, dht;  // assembled path: H, dH (n x r), as lora_forward / lora_backward
-  MatrixView<T> da, dbt;  // assembled path: the layer's dA, dBᵀ before the scatter
+  MatrixView<Acc> h, dh;           // direct path: H = X Aᵀ, dH = s dY B (n x r)
+  MatrixView<T> a, bt;             // assembled A (r x d_in), Bᵀ (r x d_out)
+  MatrixView<Acc> ones;            // (r·l x 1): the coefficients of the gathers and scatters
+  MatrixView<unsigned char> lora;  // assembled path: lora_forward's / lora_backward's workspace
+  MatrixView<T> da, dbt;           // assembled path: the layer's dA, dBᵀ before the scatter
 };
 
 template <class T>
@@ -125,9 +126,10 @@ MosBlocks<T> plan_mos(WorkspaceCarver& carve, MosCall call, ShardPath path, std:
   blocks.bt = carve.take<T>(rank, pool.d_out);
   blocks.ones = carve.take<Acc>(rank * pool.shards_per_vector, 1);
   if (call == MosCall::kAssemble) return blocks;
-  blocks.ht = carve.take<T>(n, rank);
-  if (call == MosCall::kBackward) {
-    blocks.dht = carve.take<T>(n, rank);
+  const bool backward = call == MosCall::kBackward;
+  blocks.lora = carve.take<unsigned char>(1, backward ? lora_backward_workspace_bytes<T>(n, rank)
+                                                      : lora_forward_workspace_bytes<T>(n, rank));
+  if (backward) {
     blocks.da = carve.take<T>(rank, pool.d_in);
     blocks.dbt = carve.take<T>(rank, pool.d_out);
   }
@@ -290,8 +292,8 @@ void mos_forward(Context<Backend>& ctx, const ShardPoolConfig& pool, const MosCo
   const auto s = static_cast<Acc>(config.scale());
   if (resolved == ShardPath::kAssembled) {
     detail::assemble_shards<Backend, T>(ctx, a_shards, b_shards, tables, blocks);
-    K::gemm(ctx, Acc(1), x, Op::kNoTrans, blocks.a, Op::kTrans, Acc(0), blocks.ht);
-    K::gemm(ctx, s, blocks.ht, Op::kNoTrans, blocks.bt, Op::kNoTrans, Acc(1), y);
+    lora_forward<Backend, T>(ctx, config.scale(), x, blocks.a, blocks.bt, y, blocks.lora.data,
+                             static_cast<std::size_t>(blocks.lora.cols));
     return;
   }
   detail::gather_shard_chunks<Backend, T>(ctx, x, a_shards, tables.pattern_a, blocks.h, Acc(1));
@@ -346,15 +348,12 @@ void mos_backward(Context<Backend>& ctx, const ShardPoolConfig& pool, const MosC
   carve.check_disjoint(b_shards, "the pool's B shards");
   const auto s = static_cast<Acc>(config.scale());
   if (resolved == ShardPath::kAssembled) {
-    // lora_backward's products in its order, then each row j·l + s of the
-    // assembled gradients added into shard list[j·l + s].
+    // lora_backward, then each row j·l + s of the assembled gradients added
+    // into shard list[j·l + s].
     detail::assemble_shards<Backend, T>(ctx, a_shards, b_shards, tables, blocks);
-    K::gemm(ctx, Acc(1), x, Op::kNoTrans, blocks.a, Op::kTrans, Acc(0), blocks.ht);
-    K::gemm(ctx, s, dy, Op::kNoTrans, blocks.bt, Op::kTrans, Acc(0), blocks.dht);
-    K::gemm(ctx, s, blocks.ht, Op::kTrans, dy, Op::kNoTrans, Acc(0), blocks.dbt);
-    K::gemm(ctx, Acc(1), blocks.dht, Op::kTrans, x, Op::kNoTrans, Acc(0), blocks.da);
-    if (!dx.empty())
-      K::gemm(ctx, Acc(1), blocks.dht, Op::kNoTrans, blocks.a, Op::kNoTrans, Acc(1), dx);
+    lora_backward<Backend, T>(ctx, config.scale(), x, blocks.a, blocks.bt, dy, dx, blocks.da,
+                              blocks.dbt, false, blocks.lora.data,
+                              static_cast<std::size_t>(blocks.lora.cols));
     K::scatter_axpy(ctx, Acc(1), blocks.ones,
                     MatrixView<const T>(blocks.da.data, r * l, pool.shard_in(), space),
                     detail::list_units(tables.list_a), Acc(1), grad_a);
