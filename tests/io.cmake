@@ -20,3 +20,12 @@ target_compile_definitions(test_io_hardening PRIVATE
   RANKWISE_TEST_DATA_DIR="${CMAKE_CURRENT_LIST_DIR}/data")
 add_test(NAME test_io_hardening COMMAND test_io_hardening --warn NoAssertions)
 set_tests_properties(test_io_hardening PROPERTIES LABELS cpu TIMEOUT 600)
+
+# Unit pools filled from PEFT adapter directories (io/pool_loader.hpp, issue 10).
+add_executable(test_pool_io ${CMAKE_CURRENT_LIST_DIR}/test_pool_io.cpp)
+target_link_libraries(test_pool_io PRIVATE
+  rankwise_catch_main rankwise::rankwise nlohmann_json::nlohmann_json Catch2::Catch2 rankwise_warnings)
+target_compile_definitions(test_pool_io PRIVATE
+  RANKWISE_TEST_DATA_DIR="${CMAKE_CURRENT_LIST_DIR}/data")
+add_test(NAME test_pool_io COMMAND test_pool_io --warn NoAssertions)
+set_tests_properties(test_pool_io PROPERTIES LABELS cpu TIMEOUT 300)

@@ -5,15 +5,13 @@
 #include <catch2/catch.hpp>
 #include <cmath>
 #include <cstdint>
-#include <cstdio>
-#include <cstring>
 #include <utility>
 #include <vector>
 
 #include "cases/kernel_cases.hpp"
 #include "cases/lora_cases.hpp"
 #include "cases/unit_kernel_cases.hpp"
-#include "support/catch_session.hpp"
+#include "support/cuda_session.cuh"
 #include "support/harness_cuda.cuh"
 #include "support/smora_io_cuda.cuh"
 
@@ -190,13 +188,4 @@ TEST_CASE("cuda: Buffer moves, views and sizes", "[cuda][buffer]") {
   CHECK(c.data() == nullptr);
 }
 
-int main(int argc, char** argv) {
-  // Listing runs nothing, so it works without a device too.
-  bool listing = false;
-  for (int i = 1; i < argc; ++i) listing = listing || std::strncmp(argv[i], "--list", 6) == 0;
-  if (!listing && rankwise::cuda_device_count() == 0) {
-    std::printf("no CUDA device: skipping\n");
-    return 77;
-  }
-  return rwtest::run_catch(argc, argv);
-}
+int main(int argc, char** argv) { return rwtest::run_catch_on_device(argc, argv); }

@@ -3,13 +3,11 @@
 #include <catch2/catch.hpp>
 
 #include <cmath>
-#include <cstdio>
-#include <cstring>
 #include <rankwise/cuda.cuh>
 #include <rankwise/merge/cuda_gram.cuh>
 #include <vector>
 
-#include "support/catch_session.hpp"
+#include "support/cuda_session.cuh"
 
 TEST_CASE("cuda gram: U Uᵀ equals the double reference", "[cuda][merge][lego]") {
   rankwise::CudaContext ctx;
@@ -35,12 +33,4 @@ TEST_CASE("cuda gram: U Uᵀ equals the double reference", "[cuda][merge][lego]"
   }
 }
 
-int main(int argc, char** argv) {
-  bool listing = false;
-  for (int i = 1; i < argc; ++i) listing = listing || std::strncmp(argv[i], "--list", 6) == 0;
-  if (!listing && rankwise::cuda_device_count() == 0) {
-    std::printf("no CUDA device: skipping\n");
-    return 77;
-  }
-  return rwtest::run_catch(argc, argv);
-}
+int main(int argc, char** argv) { return rwtest::run_catch_on_device(argc, argv); }

@@ -5,12 +5,10 @@
 #include <catch2/catch.hpp>
 
 #include <cmath>
-#include <cstdio>
-#include <cstring>
 #include <vector>
 
 #include "cases/mos_cases.hpp"
-#include "support/catch_session.hpp"
+#include "support/cuda_session.cuh"
 #include "support/harness_cuda.cuh"
 #include "support/mos_reference.hpp"
 
@@ -59,13 +57,4 @@ TEST_CASE("cuda mos: pool init bits equal the CPU float pool's", "[cuda][mos][in
   pool_init_matches_cpu_float_bits<__nv_bfloat16>();
 }
 
-int main(int argc, char** argv) {
-  // Listing runs nothing, so it works without a device too.
-  bool listing = false;
-  for (int i = 1; i < argc; ++i) listing = listing || std::strncmp(argv[i], "--list", 6) == 0;
-  if (!listing && rankwise::cuda_device_count() == 0) {
-    std::printf("no CUDA device: skipping\n");
-    return 77;
-  }
-  return rwtest::run_catch(argc, argv);
-}
+int main(int argc, char** argv) { return rwtest::run_catch_on_device(argc, argv); }

@@ -6,6 +6,7 @@
 // The sizes stay below what Eigen's products keep on the stack
 // (EIGEN_STACK_ALLOCATION_LIMIT): above it Eigen allocates its packing
 // buffers per product, which is Eigen's behaviour, not rankwise's.
+#include <algorithm>
 #include <atomic>
 #include <catch2/catch.hpp>
 #include <cstdint>
@@ -151,6 +152,56 @@ TEST_CASE("steady-state CPU forward and backward allocate nothing, every layer",
                 for (auto& l : layers) l->backward(b.x.cview(), b.dy.cview(), b.dx.view());
               }) == 0);
       }
+    }
+    {
+      INFO("UnitPool: plan, training forward and backward of mixed batches");
+      rankwise::UnitPoolConfig pc;
+      pc.d_in = kDin;
+      pc.d_out = kDout;
+      pc.capacity_units = 128;
+      rankwise::UnitPool<float, CpuBackend> pool(ctx, pc);
+      rankwise::LoraConfig lc;
+      lc.d_in = kDin;
+      lc.d_out = kDout;
+      lc.rank = 16;
+      rankwise::Lora<float, CpuBackend> lora(ctx, lc);
+      lora.init_peft(3);
+      rankwise::Kernels<CpuBackend, float>::fill_uniform(ctx, lora.bt(), -0.1, 0.1, 4);
+      lc.rank = 8;
+      rankwise::Lora<float, CpuBackend> small(ctx, lc);
+      small.init_peft(5);
+      rankwise::SmoraConfig sc;
+      sc.d_in = kDin;
+      sc.d_out = kDout;
+      sc.router.num_units = 32;
+      sc.router.top_k = 8;
+      rankwise::Smora<float, CpuBackend> smora(ctx, sc);
+      smora.init(6);
+      const rankwise::AdapterId first = pool.add(small);
+      const std::vector<rankwise::AdapterId> ids = {pool.add(lora), pool.add(smora)};
+      pool.remove(first);  // the next adapter's units split around the hole
+      const std::vector<rankwise::AdapterId> more = {pool.add(smora), pool.add(small)};
+      std::vector<rankwise::AdapterId> all = ids;
+      all.insert(all.end(), more.begin(), more.end());
+      REQUIRE(pool.runs(more[0]).size() == 2);
+      std::vector<std::vector<std::int32_t>> token_ids;
+      for (const std::int64_t n : kTokens) {
+        std::vector<std::int32_t> t(static_cast<std::size_t>(n));
+        for (std::int64_t i = 0; i < n; ++i) {
+          t[static_cast<std::size_t>(i)] =
+              i % 5 == 4 ? rankwise::kNoAdapter : all[static_cast<std::size_t>((i * 7) % 4)];
+        }
+        token_ids.push_back(std::move(t));
+      }
+      rankwise::PoolPlan<CpuBackend> plan;
+      CHECK(steady_allocations(ctx, [&](Batch& b) {
+              const auto& t = token_ids[static_cast<std::size_t>(
+                  std::find(kTokens.begin(), kTokens.end(), b.x.rows) - kTokens.begin())];
+              pool.plan(rankwise::host_view<const std::int32_t>(t.data(), b.x.rows, 1), plan);
+              pool.forward(plan, b.x.cview(), b.y.view(), rankwise::Mode::kTraining);
+              pool.backward(plan, b.x.cview(), b.dy.cview(), b.dx.view());
+              pool.forward(plan, b.x.cview(), b.y.view());
+            }) == 0);
     }
     {
       INFO("Lego");

@@ -27,6 +27,7 @@
 #include "rankwise/core/shard_indices.hpp"
 #include "rankwise/core/tensor_map.hpp"
 #include "rankwise/core/tiling.hpp"
+#include "rankwise/core/unit_pages.hpp"
 #include "rankwise/core/workspace.hpp"
 #include "rankwise/layers/lego.hpp"
 #include "rankwise/layers/lora.hpp"
@@ -36,4 +37,5 @@
 #include "rankwise/layers/router.hpp"
 #include "rankwise/layers/shard_pool.hpp"
 #include "rankwise/layers/smora.hpp"
+#include "rankwise/layers/unit_pool.hpp"
 #include "rankwise/optim/adam.hpp"

@@ -75,12 +75,24 @@ struct dependent_false {
 ///                                            dense[n][units[n][j]] += values[n][j]
 ///   gather_cols(ctx, dense, units, out)      out[n][j] = dense[n][units[n][j]], dense in T
 ///                                            (Kernels<Backend, Acc> for dense in Acc)
+///   remap_units(ctx, table, units, out)      out[n][j] = table[units[n][j]]: local unit
+///                                            indices (table is 1 x t, int32) to pool ones
 ///   scale_by(ctx, factors, m)                m ⊙= factors (m in T, factors in Acc)
 ///   read_int(ctx, v)                         the value of a (1 x 1) int32, on the host
 ///   aux_loss_grad(ctx, counts, k/g, coef, extra)   extra_e = switch_aux_dscore(...)
 ///   check_units(ctx, units, r, bad)          bad (1 x 1) = number of units outside [0, r)
 ///   upload_doubles / download_doubles        as upload / download, host side in double
 ///   upload_indices(ctx, host, dst)           int32 host array into a (rows x cols) int32 view
+///   kSegmentedLora                           true where the backend serves a whole
+///                                            multi-adapter batch in two launches:
+///   segment_lora_forward(ctx, table, x, a, bt, y, h)
+///       for every position p of the SegmentTable (core/segment_table.hpp):
+///       y[token[p]] += scale[p] Σ_j bt[u_j] (a[u_j] · x[token[p]]), u_j its units,
+///       h (table.h_size Acc) scratch; one shrink and one expand launch (CUDA).
+///   prefer_segmented(tokens)                 whether an adapter with this many tokens in
+///                                            the batch goes through segment_lora_forward
+///       Backends without it (kSegmentedLora = false) serve each adapter's
+///       tokens with gemm.
 ///   prefer_dense(n, k, r)                    this backend's measured crossover
 ///   prefer_assembled_shards(n)               MoS: assemble A, B rather than read shards
 ///

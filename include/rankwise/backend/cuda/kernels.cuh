@@ -24,6 +24,7 @@
 #include "rankwise/core/tiling.hpp"
 #include "rankwise/detail/cuda/element.cuh"
 #include "rankwise/detail/cuda/rank_unit_kernels.cuh"
+#include "rankwise/detail/cuda/segment_kernels.cuh"
 
 namespace rankwise {
 namespace detail {
@@ -410,6 +411,17 @@ struct Kernels<CudaBackend, T> {
     RANKWISE_CUDA_LAUNCH_CHECK();
   }
 
+  static void remap_units(Ctx& ctx, MatrixView<const std::int32_t> table,
+                          MatrixView<const std::int32_t> units, MatrixView<std::int32_t> out) {
+    if (units.empty()) return;
+    detail::cuda::remap_units_kernel<<<detail::cuda::stride_grid(units.size(), kBlock,
+                                                                 "remap_units"),
+                                       kBlock, 0, ctx.stream()>>>(
+        units.rows, units.cols, table.data, table.cols, units.data, units.ld, out.data, out.ld,
+        ctx.device_errors());
+    RANKWISE_CUDA_LAUNCH_CHECK();
+  }
+
   static void scale_by(Ctx& ctx, MatrixView<const Acc> factors, MatrixView<T> m) {
     if (m.empty()) return;
     detail::cuda::scale_by_kernel<T>
@@ -472,6 +484,24 @@ struct Kernels<CudaBackend, T> {
   /// MoS: assemble A and B (then cuBLAS) once tokens are many; a guess as
   /// above, not yet measured on a GPU.
   static bool prefer_assembled_shards(std::int64_t n) { return n >= 64; }
+
+  // A multi-adapter batch in two launches (BGMV-style): per-adapter GEMMs
+  // would cost launches in proportion to the adapters in the batch.
+  static constexpr bool kSegmentedLora = true;
+  // An adapter with this many tokens or fewer in a batch goes through the
+  // segment kernels (each token reads its units, from L2 after the first);
+  // more, and one GEMM per adapter that reads them once pays for its launches.
+  // Not measured yet (no GPU in the sessions that wrote it).
+  static bool prefer_segmented(std::int64_t tokens) { return tokens <= 32; }
+
+  static void segment_lora_forward(Ctx& ctx, const SegmentTable& table, MatrixView<const T> x,
+                                   MatrixView<const T> a, MatrixView<const T> bt, MatrixView<T> y,
+                                   float* h) {
+    detail::cuda::segment_shrink<T>(ctx.stream(), table, x.data, x.ld, a.data, a.ld, a.cols, h,
+                                    a.rows, ctx.device_errors());
+    detail::cuda::segment_expand<T>(ctx.stream(), table, h, bt.data, bt.ld, bt.cols, y.data, y.ld,
+                                    bt.rows, ctx.device_errors());
+  }
 
  private:
   // One thread per item, no stride loop (the routing kernels): the grid must

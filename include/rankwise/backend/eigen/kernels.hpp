@@ -235,6 +235,11 @@ struct Kernels<CpuBackend, T> {
   /// MoS: the direct path's gathers run as GEMMs over the shared shard rows
   /// (broadcast units), so reading shards in place is never slower than
   /// assembling A and B first (bench_mos, bench/results/cpu-2026-11-26-mos.md).
+  // Each adapter's tokens go through gemm (small-batch kernels or Eigen's),
+  // which reads its units once for all of its tokens.
+  static constexpr bool kSegmentedLora = false;
+  static bool prefer_segmented(std::int64_t /*tokens*/) { return false; }
+
   static bool prefer_assembled_shards(std::int64_t /*n*/) { return false; }
 
   static void count_experts(Ctx&, MatrixView<const std::int32_t> experts,
@@ -349,6 +354,15 @@ struct Kernels<CpuBackend, T> {
     for (std::int64_t n = 0; n < units.rows; ++n) {
       for (std::int64_t j = 0; j < units.cols; ++j) {
         out.data[n * out.ld + j] = dense.data[n * dense.ld + units.data[n * units.ld + j]];
+      }
+    }
+  }
+
+  static void remap_units(Ctx&, MatrixView<const std::int32_t> table,
+                          MatrixView<const std::int32_t> units, MatrixView<std::int32_t> out) {
+    for (std::int64_t n = 0; n < units.rows; ++n) {
+      for (std::int64_t j = 0; j < units.cols; ++j) {
+        out.data[n * out.ld + j] = table.data[units.data[n * units.ld + j]];
       }
     }
   }

@@ -324,6 +324,20 @@ __global__ void gather_cols_kernel(std::int64_t n, std::int64_t k, const T* dens
   }
 }
 
+// out[t][j] = table[units[t][j]]; a unit outside [0, t) gives -1 (and is counted),
+// which the rank-unit kernels skip in turn.
+static __global__ void remap_units_kernel(std::int64_t n, std::int64_t k,
+                                          const std::int32_t* table, std::int64_t table_size,
+                                          const std::int32_t* units, std::int64_t units_ld,
+                                          std::int32_t* out, std::int64_t out_ld,
+                                          unsigned long long* invalid) {
+  for (std::int64_t i = thread_start(); i < n * k; i += thread_step()) {
+    const std::int64_t t = i / k, j = i % k;
+    const std::int64_t u = units[t * units_ld + j];
+    out[t * out_ld + j] = checked_index(u, table_size, invalid) ? table[u] : -1;
+  }
+}
+
 template <class T>
 __global__ void scale_by_kernel(std::int64_t rows, std::int64_t cols, const float* factors,
                                 std::int64_t f_ld, T* m, std::int64_t m_ld) {

@@ -1,0 +1,12 @@
+// The multi-adapter unit pool on the CUDA backend (float, __half,
+// __nv_bfloat16): the same cases as the CPU (cases/multi_cases.hpp). Exits 77
+// (CTest: skipped) when no CUDA device is usable.
+#include <catch2/catch.hpp>
+
+#include "cases/multi_cases.hpp"
+#include "support/cuda_session.cuh"
+#include "support/harness_cuda.cuh"
+
+RWTEST_MULTI_TEST_CASES(rwtest::CudaHarness, "[cuda]", float, __half, __nv_bfloat16)
+
+int main(int argc, char** argv) { return rwtest::run_catch_on_device(argc, argv); }
