@@ -543,6 +543,95 @@ void gather_cols_matches_reference() {
   }
 }
 
+// The multi-adapter pool's token moves: take_rows, add_rows (distinct rows),
+// and remap_units (local unit indices to pool ones).
+
+/// m distinct rows of [0, count), in shuffled order.
+inline HostIndices distinct_rows(std::int64_t m, std::int64_t count, std::uint64_t seed) {
+  std::vector<std::int32_t> all(static_cast<std::size_t>(count));
+  for (std::int64_t i = 0; i < count; ++i) all[static_cast<std::size_t>(i)] = static_cast<std::int32_t>(i);
+  std::mt19937_64 gen(seed);
+  std::shuffle(all.begin(), all.end(), gen);
+  HostIndices rows(m, 1, false);
+  for (std::int64_t i = 0; i < m; ++i) rows.at(i, 0) = all[static_cast<std::size_t>(i)];
+  return rows;
+}
+
+template <class H, class T>
+void take_and_add_rows_match_reference() {
+  using K = rankwise::Kernels<typename H::Backend, T>;
+  typename H::Ctx ctx;
+  std::uint64_t seed = 5500;
+  const double pad = -555.0;
+  for (const auto& md : std::vector<std::pair<std::int64_t, std::int64_t>>{
+           {0, 5}, {1, 1}, {1, 300}, {7, 3}, {33, 37}, {300, 257}}) {
+    for (const Layout layout : {Layout::kContiguous, Layout::kStrided}) {
+      ++seed;
+      const std::int64_t m = md.first, d = md.second, count = m + 4, extra = data_padding(layout);
+      INFO("backend " << H::kName << ", type " << H::template type_name<T>() << ", m " << m
+                      << ", d " << d << ", " << layout_name(layout) << ", seed " << seed);
+      const HostIndices rows = distinct_rows(m, count, seed);
+      const auto drows = indices_to_device<H, T>(ctx, rows, layout);
+      const HostMatrix src = quantize<H, T>(random_matrix(count, d, seed * 4));
+      const auto dsrc = to_device<H, T>(ctx, src, d + extra, pad);
+      auto taken = to_device<H, T>(ctx, HostMatrix(m, d, std::nan("")), d + extra, pad);
+      K::take_rows(ctx, dsrc.cview(), drows.cview(), taken.view());
+      HostMatrix want(m, d);
+      for (std::int64_t i = 0; i < m; ++i)
+        for (std::int64_t c = 0; c < d; ++c) want(i, c) = src(rows(i, 0), c);
+      CHECK(compare(to_host<H, T>(ctx, taken), want, "taken").max_abs_err == 0.0);
+      if (extra > 0) CHECK(padding_intact<H, T>(ctx, taken, pad));
+
+      const HostMatrix base = quantize<H, T>(random_matrix(count, d, seed * 4 + 1));
+      const HostMatrix inc = quantize<H, T>(random_matrix(m, d, seed * 4 + 2));
+      auto dbase = to_device<H, T>(ctx, base, d + extra, pad);
+      const auto dinc = to_device<H, T>(ctx, inc, d + extra, pad);
+      K::add_rows(ctx, dinc.cview(), drows.cview(), dbase.view());
+      HostMatrix sum = base;
+      for (std::int64_t i = 0; i < m; ++i)
+        for (std::int64_t c = 0; c < d; ++c) sum(rows(i, 0), c) += inc(i, c);
+      // One rounding of each sum to T; the rows not named stay as they were.
+      RWTEST_CHECK_CLOSE(to_host<H, T>(ctx, dbase), sum, abs_of(sum), tolerance<T>(1, 1));
+      const HostMatrix after = to_host<H, T>(ctx, dbase);
+      for (std::int64_t r = 0; r < count; ++r) {
+        bool named = false;
+        for (std::int64_t i = 0; i < m; ++i) named = named || rows(i, 0) == r;
+        if (named) continue;
+        for (std::int64_t c = 0; c < d; ++c) CHECK(after(r, c) == base(r, c));
+      }
+      if (extra > 0) CHECK(padding_intact<H, T>(ctx, dbase, pad));
+    }
+  }
+}
+
+template <class H, class T>
+void remap_units_matches_reference() {
+  using K = rankwise::Kernels<typename H::Backend, T>;
+  typename H::Ctx ctx;
+  std::uint64_t seed = 5700;
+  for (const UnitShape& sh : unit_shapes()) {
+    for (const Layout layout : all_layouts()) {
+      ++seed;
+      INFO(RWTEST_UNIT_CASE_INFO(H, T) << ", seed " << seed);
+      HostIndices table(1, sh.r, false);
+      std::mt19937_64 gen(seed);
+      for (std::int64_t j = 0; j < sh.r; ++j) table.at(0, j) = index_draw(gen, 100000);
+      const HostIndices units = random_units(sh, layout, seed * 8);
+      const auto dtable = indices_to_device<H, T>(ctx, table, Layout::kContiguous);
+      const auto du = indices_to_device<H, T>(ctx, units, layout);
+      auto out = index_output<H, T>(ctx, sh.n, sh.k, layout == Layout::kStrided, -9);
+      K::remap_units(ctx, dtable.cview(), du.cview(), out.view());
+      const std::vector<std::int32_t> got = indices_to_host<H>(ctx, out);
+      std::int64_t wrong = 0;
+      for (std::int64_t t = 0; t < sh.n; ++t)
+        for (std::int64_t j = 0; j < sh.k; ++j)
+          wrong += got[static_cast<std::size_t>(t * sh.k + j)] != table(0, units(t, j));
+      CHECK(wrong == 0);
+      if (layout == Layout::kStrided) CHECK(index_padding_intact<H>(ctx, out, -9));
+    }
+  }
+}
+
 #undef RWTEST_UNIT_CASE_INFO
 
 // ---------------------------------------------------------------------------
@@ -1590,6 +1679,14 @@ void double_and_index_transfers() {
   TEMPLATE_TEST_CASE("kernels: gather_cols gathers exactly", "[kernels][units]" TAG,               \
                      __VA_ARGS__) {                                                                \
     ::rwtest::unit_kernel_cases::gather_cols_matches_reference<HARNESS, TestType>();               \
+  }                                                                                                \
+  TEMPLATE_TEST_CASE("kernels: take_rows and add_rows move token rows exactly",                  \
+                     "[kernels][units]" TAG, __VA_ARGS__) {                                        \
+    ::rwtest::unit_kernel_cases::take_and_add_rows_match_reference<HARNESS, TestType>();           \
+  }                                                                                                \
+  TEMPLATE_TEST_CASE("kernels: remap_units maps local units to pool units", "[kernels][units]" TAG, \
+                     __VA_ARGS__) {                                                                \
+    ::rwtest::unit_kernel_cases::remap_units_matches_reference<HARNESS, TestType>();               \
   }                                                                                                \
   TEMPLATE_TEST_CASE("kernels: hadamard matches the double reference", "[kernels][units]" TAG,     \
                      __VA_ARGS__) {                                                                \

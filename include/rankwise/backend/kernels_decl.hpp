@@ -75,6 +75,9 @@ struct dependent_false {
 ///                                            dense[n][units[n][j]] += values[n][j]
 ///   gather_cols(ctx, dense, units, out)      out[n][j] = dense[n][units[n][j]], dense in T
 ///                                            (Kernels<Backend, Acc> for dense in Acc)
+///   take_rows(ctx, src, rows, dst)           dst[i] = src[rows[i]] (rows m x 1 int32)
+///   add_rows(ctx, src, rows, dst)            dst[rows[i]] += src[i], rounded once; the rows
+///                                            must be distinct (a batch's tokens of one adapter)
 ///   remap_units(ctx, table, units, out)      out[n][j] = table[units[n][j]]: local unit
 ///                                            indices (table is 1 x t, int32) to pool ones
 ///   scale_by(ctx, factors, m)                m ⊙= factors (m in T, factors in Acc)

@@ -735,8 +735,7 @@ class UnitPool {
     t.h_size = h;
   }
 
-  // Scratch for the largest gathered segment of the plan; ones_ are the
-  // coefficients of the token gathers and scatters.
+  // Scratch for the largest gathered segment of the plan.
   void reserve_scratch(const Plan& plan, bool backward) {
     std::int64_t most = 0;
     for (const typename Plan::Segment& seg : plan.segments_) {
@@ -748,10 +747,6 @@ class UnitPool {
       detail::grow(dys_, checked_elements(most, d_out(), "UnitPool: gathered dy"));
       detail::grow(dxs_, checked_elements(most, d_in(), "UnitPool: gathered dx"));
     }
-    if (ones_.size() < most) {
-      detail::grow(ones_, most);
-      rankwise::Kernels<Backend, Acc>::fill(*ctx_, detail::prefix(ones_, most, 1), 1.0);
-    }
   }
 
   MatrixView<const std::int32_t> order_of(const Plan& plan, const typename Plan::Segment& seg) const {
@@ -761,9 +756,8 @@ class UnitPool {
 
   MatrixView<const T> gather(const Plan& plan, const typename Plan::Segment& seg,
                              const MatrixView<const T>& src, Buffer<Backend, T>& into) {
-    const MatrixView<T> dst = zeroed(into, seg.count, src.cols);
-    Kernels::gather_axpy(*ctx_, Acc(1), detail::prefix(ones_, seg.count, 1), src,
-                         order_of(plan, seg), dst);
+    const MatrixView<T> dst = detail::prefix(into, seg.count, src.cols);
+    Kernels::take_rows(*ctx_, src, order_of(plan, seg), dst);
     return dst;
   }
 
@@ -777,8 +771,7 @@ class UnitPool {
   // written twice.
   void scatter_add(const Plan& plan, const typename Plan::Segment& seg, MatrixView<const T> src,
                    MatrixView<T> dst) {
-    Kernels::scatter_axpy(*ctx_, Acc(1), detail::prefix(ones_, seg.count, 1), src,
-                          order_of(plan, seg), Acc(1), dst);
+    Kernels::add_rows(*ctx_, src, order_of(plan, seg), dst);
   }
 
   // The units a routed adapter's routing indexes: its own run when it has
@@ -885,7 +878,6 @@ class UnitPool {
   std::int64_t live_ = 0;
   Buffer<Backend, T> a_, bt_, grad_a_, grad_bt_;  // (capacity x d_in / d_out)
   Buffer<Backend, T> xs_, ys_, dys_, dxs_;
-  Buffer<Backend, Acc> ones_;
   Buffer<Backend, Acc> h_;  // the segment kernels' shrink results
   Plan own_plan_;
   detail::OwnedWorkspace<Backend> workspace_;

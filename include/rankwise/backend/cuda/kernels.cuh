@@ -411,6 +411,26 @@ struct Kernels<CudaBackend, T> {
     RANKWISE_CUDA_LAUNCH_CHECK();
   }
 
+  static void take_rows(Ctx& ctx, MatrixView<const T> src, MatrixView<const std::int32_t> rows,
+                        MatrixView<T> dst) {
+    if (dst.empty()) return;
+    detail::cuda::take_rows_kernel<T>
+        <<<detail::cuda::stride_grid(dst.size(), kBlock, "take_rows"), kBlock, 0, ctx.stream()>>>(
+            dst.rows, dst.cols, src.data, src.ld, src.rows, rows.data, rows.ld, dst.data, dst.ld,
+            ctx.device_errors());
+    RANKWISE_CUDA_LAUNCH_CHECK();
+  }
+
+  static void add_rows(Ctx& ctx, MatrixView<const T> src, MatrixView<const std::int32_t> rows,
+                       MatrixView<T> dst) {
+    if (src.empty()) return;
+    detail::cuda::add_rows_kernel<T>
+        <<<detail::cuda::stride_grid(src.size(), kBlock, "add_rows"), kBlock, 0, ctx.stream()>>>(
+            src.rows, src.cols, src.data, src.ld, rows.data, rows.ld, dst.data, dst.ld, dst.rows,
+            ctx.device_errors());
+    RANKWISE_CUDA_LAUNCH_CHECK();
+  }
+
   static void remap_units(Ctx& ctx, MatrixView<const std::int32_t> table,
                           MatrixView<const std::int32_t> units, MatrixView<std::int32_t> out) {
     if (units.empty()) return;

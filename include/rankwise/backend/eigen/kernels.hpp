@@ -358,6 +358,22 @@ struct Kernels<CpuBackend, T> {
     }
   }
 
+  static void take_rows(Ctx&, MatrixView<const T> src, MatrixView<const std::int32_t> rows,
+                        MatrixView<T> dst) {
+    if (dst.empty()) return;
+    const auto sm = detail::eigen_map(src);
+    auto dm = detail::eigen_map(dst);
+    for (std::int64_t i = 0; i < rows.rows; ++i) dm.row(i) = sm.row(rows.data[i * rows.ld]);
+  }
+
+  static void add_rows(Ctx&, MatrixView<const T> src, MatrixView<const std::int32_t> rows,
+                       MatrixView<T> dst) {
+    if (src.empty()) return;
+    const auto sm = detail::eigen_map(src);
+    auto dm = detail::eigen_map(dst);
+    for (std::int64_t i = 0; i < rows.rows; ++i) dm.row(rows.data[i * rows.ld]) += sm.row(i);
+  }
+
   static void remap_units(Ctx&, MatrixView<const std::int32_t> table,
                           MatrixView<const std::int32_t> units, MatrixView<std::int32_t> out) {
     for (std::int64_t n = 0; n < units.rows; ++n) {

@@ -324,6 +324,37 @@ __global__ void gather_cols_kernel(std::int64_t n, std::int64_t k, const T* dens
   }
 }
 
+// dst[i][c] = src[rows[i]][c]; a row outside [0, src_rows) gives 0 (and is counted).
+template <class T>
+__global__ void take_rows_kernel(std::int64_t m, std::int64_t cols, const T* src,
+                                 std::int64_t src_ld, std::int64_t src_rows,
+                                 const std::int32_t* rows, std::int64_t rows_ld, T* dst,
+                                 std::int64_t dst_ld, unsigned long long* invalid) {
+  for (std::int64_t e = thread_start(); e < m * cols; e += thread_step()) {
+    const std::int64_t i = e / cols, c = e % cols;
+    const std::int64_t r = rows[i * rows_ld];
+    const bool ok = c == 0 ? checked_index(r, src_rows, invalid) : valid_unit_index(r, src_rows);
+    dst[i * dst_ld + c] = ok ? src[r * src_ld + c] : Element<T>::from_float(0.0f);
+  }
+}
+
+// dst[rows[i]][c] += src[i][c]: the rows are distinct, so no two threads write
+// one element. A row outside [0, dst_rows) is skipped (and counted).
+template <class T>
+__global__ void add_rows_kernel(std::int64_t m, std::int64_t cols, const T* src,
+                                std::int64_t src_ld, const std::int32_t* rows,
+                                std::int64_t rows_ld, T* dst, std::int64_t dst_ld,
+                                std::int64_t dst_rows, unsigned long long* invalid) {
+  for (std::int64_t e = thread_start(); e < m * cols; e += thread_step()) {
+    const std::int64_t i = e / cols, c = e % cols;
+    const std::int64_t r = rows[i * rows_ld];
+    const bool ok = c == 0 ? checked_index(r, dst_rows, invalid) : valid_unit_index(r, dst_rows);
+    if (!ok) continue;
+    T& d = dst[r * dst_ld + c];
+    d = Element<T>::from_float(Element<T>::to_float(d) + Element<T>::to_float(src[i * src_ld + c]));
+  }
+}
+
 // out[t][j] = table[units[t][j]]; a unit outside [0, t) gives -1 (and is counted),
 // which the rank-unit kernels skip in turn.
 static __global__ void remap_units_kernel(std::int64_t n, std::int64_t k,
