@@ -3,7 +3,6 @@
 // differences in double of every adapter kind's gradients and of dx, and the
 // same bits at any thread count.
 #include <catch2/catch.hpp>
-
 #include <cmath>
 #include <cstdint>
 #include <vector>

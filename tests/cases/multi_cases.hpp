@@ -12,9 +12,8 @@
 // of H, y and the gathers; accumulations over d_in, r and the tokens).
 #pragma once
 
-#include <catch2/catch.hpp>
-
 #include <algorithm>
+#include <catch2/catch.hpp>
 #include <cstdint>
 #include <memory>
 #include <ostream>
@@ -109,8 +108,8 @@ struct Fixture {
     c.d_out = kDout;
     c.rank = rank;
     c.alpha = alpha;
-    c.scale_rule = rslora ? rankwise::ScaleRule::kAlphaOverSqrtRank
-                          : rankwise::ScaleRule::kAlphaOverRank;
+    c.scale_rule =
+        rslora ? rankwise::ScaleRule::kAlphaOverSqrtRank : rankwise::ScaleRule::kAlphaOverRank;
     Entry<H, T> e;
     e.kind = AdapterKind::kLora;
     e.lora = std::make_unique<rankwise::Lora<T, Backend>>(ctx, c);
@@ -230,7 +229,7 @@ inline void add_rows(HostMatrix& m, const std::vector<std::int64_t>& rows, const
 /// What each adapter gives alone, for a forward and a backward of one batch.
 struct Expected {
   HostMatrix y, dx;
-  std::vector<HostMatrix> da, dbt, dwr;  // per entry (empty where it has no tokens)
+  std::vector<HostMatrix> da, dbt, dwr;   // per entry (empty where it has no tokens)
   std::vector<std::vector<double>> bias;  // per SMoRA entry after the training forward
 };
 
@@ -281,8 +280,9 @@ rwtest::Bound multi_tolerance(std::int64_t r) {
   return tolerance<T>(4, kDin + kDout + r);
 }
 
-#define RWTEST_MULTI_INFO(H, T, n, seed) \
-  INFO("backend " << H::kName << ", type " << H::template type_name<T>() << ", n " << n << ", seed " << seed)
+#define RWTEST_MULTI_INFO(H, T, n, seed)                                                \
+  INFO("backend " << H::kName << ", type " << H::template type_name<T>() << ", n " << n \
+                  << ", seed " << seed)
 
 /// A mixed batch, forward (inference, then training) and backward, against
 /// each adapter alone; tokens without an adapter keep y (and dx) bit for bit.
@@ -334,13 +334,15 @@ void mixed_batch_matches_each_adapter_alone() {
       f.pool.get_grad_a(e.id, ga.view());
       f.pool.get_grad_bt(e.id, gbt.view());
       const Bound tol = multi_tolerance<T>(e.rank + n);
-      RWTEST_CHECK_CLOSE(to_host<H, T>(f.ctx, ga.cview()), ex.da[i], normwise_magnitude(ex.da[i]), tol);
-      RWTEST_CHECK_CLOSE(to_host<H, T>(f.ctx, gbt.cview()), ex.dbt[i], normwise_magnitude(ex.dbt[i]),
+      RWTEST_CHECK_CLOSE(to_host<H, T>(f.ctx, ga.cview()), ex.da[i], normwise_magnitude(ex.da[i]),
                          tol);
+      RWTEST_CHECK_CLOSE(to_host<H, T>(f.ctx, gbt.cview()), ex.dbt[i],
+                         normwise_magnitude(ex.dbt[i]), tol);
       if (e.kind == AdapterKind::kSmora) {
         using Acc = rankwise::accumulator_t<T>;
-        RWTEST_CHECK_CLOSE(to_host<H, T>(f.ctx, MatrixView<const T>(f.pool.grad_router_weight(e.id))),
-                           ex.dwr[i], normwise_magnitude(ex.dwr[i]), tol);
+        RWTEST_CHECK_CLOSE(
+            to_host<H, T>(f.ctx, MatrixView<const T>(f.pool.grad_router_weight(e.id))), ex.dwr[i],
+            normwise_magnitude(ex.dwr[i]), tol);
         CHECK(to_host<H, Acc>(f.ctx, MatrixView<const Acc>(f.pool.balance_bias(e.id))).v ==
               ex.bias[i]);
       }
@@ -411,10 +413,10 @@ void reused_units_after_removal() {
   // The removed adapter's id is refused, not served with the new one's units.
   std::vector<std::int32_t> stale = ids;
   stale[3] = removed;
-  RWTEST_CHECK_ERROR(ErrorCode::kInvalidArgument,
-                     "ids[3] = " + std::to_string(removed) +
-                         " names an adapter that was removed from this pool",
-                     f.plan(stale, plan));
+  RWTEST_CHECK_ERROR(
+      ErrorCode::kInvalidArgument,
+      "ids[3] = " + std::to_string(removed) + " names an adapter that was removed from this pool",
+      f.plan(stale, plan));
 }
 
 /// Every token on one plain LoRA: the same bits as Lora::forward / backward.
@@ -470,8 +472,8 @@ void one_adapter_equals_its_layer_bit_for_bit() {
     CHECK(to_host_raw<H, T>(f.ctx, y_pool.cview()) == to_host_raw<H, T>(f.ctx, y_layers.cview()));
   } else {
     const HostMatrix expected = to_host<H, T>(f.ctx, y_layers.cview());
-    RWTEST_CHECK_CLOSE(to_host<H, T>(f.ctx, y_pool.cview()), expected,
-                       normwise_magnitude(expected), multi_tolerance<T>(16));
+    RWTEST_CHECK_CLOSE(to_host<H, T>(f.ctx, y_pool.cview()), expected, normwise_magnitude(expected),
+                       multi_tolerance<T>(16));
   }
 }
 
@@ -641,24 +643,24 @@ void bad_input_is_refused() {
 }  // namespace multi_cases
 }  // namespace rwtest
 
-#define RWTEST_MULTI_TEST_CASES(HARNESS, TAG, ...)                                               \
-  TEMPLATE_TEST_CASE("multi: a mixed batch matches each adapter alone", "[multi]" TAG,           \
-                     __VA_ARGS__) {                                                              \
-    rwtest::multi_cases::mixed_batch_matches_each_adapter_alone<HARNESS, TestType>();            \
-  }                                                                                              \
-  TEMPLATE_TEST_CASE("multi: units reused after a removal", "[multi]" TAG, __VA_ARGS__) {        \
-    rwtest::multi_cases::reused_units_after_removal<HARNESS, TestType>();                        \
-  }                                                                                              \
-  TEMPLATE_TEST_CASE("multi: one adapter equals its layer bit for bit", "[multi]" TAG,           \
-                     __VA_ARGS__) {                                                              \
-    rwtest::multi_cases::one_adapter_equals_its_layer_bit_for_bit<HARNESS, TestType>();          \
-  }                                                                                              \
-  TEMPLATE_TEST_CASE("multi: one plan serves every layer", "[multi]" TAG, __VA_ARGS__) {        \
-    rwtest::multi_cases::one_plan_serves_every_layer<HARNESS, TestType>();                       \
-  }                                                                                              \
-  TEMPLATE_TEST_CASE("multi: deterministic", "[multi][determinism]" TAG, __VA_ARGS__) {          \
-    rwtest::multi_cases::deterministic<HARNESS, TestType>();                                     \
-  }                                                                                              \
-  TEMPLATE_TEST_CASE("multi: bad input is refused", "[multi][errors]" TAG, __VA_ARGS__) {        \
-    rwtest::multi_cases::bad_input_is_refused<HARNESS, TestType>();                              \
+#define RWTEST_MULTI_TEST_CASES(HARNESS, TAG, ...)                                        \
+  TEMPLATE_TEST_CASE("multi: a mixed batch matches each adapter alone", "[multi]" TAG,    \
+                     __VA_ARGS__) {                                                       \
+    rwtest::multi_cases::mixed_batch_matches_each_adapter_alone<HARNESS, TestType>();     \
+  }                                                                                       \
+  TEMPLATE_TEST_CASE("multi: units reused after a removal", "[multi]" TAG, __VA_ARGS__) { \
+    rwtest::multi_cases::reused_units_after_removal<HARNESS, TestType>();                 \
+  }                                                                                       \
+  TEMPLATE_TEST_CASE("multi: one adapter equals its layer bit for bit", "[multi]" TAG,    \
+                     __VA_ARGS__) {                                                       \
+    rwtest::multi_cases::one_adapter_equals_its_layer_bit_for_bit<HARNESS, TestType>();   \
+  }                                                                                       \
+  TEMPLATE_TEST_CASE("multi: one plan serves every layer", "[multi]" TAG, __VA_ARGS__) {  \
+    rwtest::multi_cases::one_plan_serves_every_layer<HARNESS, TestType>();                \
+  }                                                                                       \
+  TEMPLATE_TEST_CASE("multi: deterministic", "[multi][determinism]" TAG, __VA_ARGS__) {   \
+    rwtest::multi_cases::deterministic<HARNESS, TestType>();                              \
+  }                                                                                       \
+  TEMPLATE_TEST_CASE("multi: bad input is refused", "[multi][errors]" TAG, __VA_ARGS__) { \
+    rwtest::multi_cases::bad_input_is_refused<HARNESS, TestType>();                       \
   }

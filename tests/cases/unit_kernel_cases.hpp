@@ -549,7 +549,8 @@ void gather_cols_matches_reference() {
 /// m distinct rows of [0, count), in shuffled order.
 inline HostIndices distinct_rows(std::int64_t m, std::int64_t count, std::uint64_t seed) {
   std::vector<std::int32_t> all(static_cast<std::size_t>(count));
-  for (std::int64_t i = 0; i < count; ++i) all[static_cast<std::size_t>(i)] = static_cast<std::int32_t>(i);
+  for (std::int64_t i = 0; i < count; ++i)
+    all[static_cast<std::size_t>(i)] = static_cast<std::int32_t>(i);
   std::mt19937_64 gen(seed);
   std::shuffle(all.begin(), all.end(), gen);
   HostIndices rows(m, 1, false);
@@ -1680,12 +1681,12 @@ void double_and_index_transfers() {
                      __VA_ARGS__) {                                                                \
     ::rwtest::unit_kernel_cases::gather_cols_matches_reference<HARNESS, TestType>();               \
   }                                                                                                \
-  TEMPLATE_TEST_CASE("kernels: take_rows and add_rows move token rows exactly",                  \
+  TEMPLATE_TEST_CASE("kernels: take_rows and add_rows move token rows exactly",                    \
                      "[kernels][units]" TAG, __VA_ARGS__) {                                        \
     ::rwtest::unit_kernel_cases::take_and_add_rows_match_reference<HARNESS, TestType>();           \
   }                                                                                                \
-  TEMPLATE_TEST_CASE("kernels: remap_units maps local units to pool units", "[kernels][units]" TAG, \
-                     __VA_ARGS__) {                                                                \
+  TEMPLATE_TEST_CASE("kernels: remap_units maps local units to pool units",                        \
+                     "[kernels][units]" TAG, __VA_ARGS__) {                                        \
     ::rwtest::unit_kernel_cases::remap_units_matches_reference<HARNESS, TestType>();               \
   }                                                                                                \
   TEMPLATE_TEST_CASE("kernels: hadamard matches the double reference", "[kernels][units]" TAG,     \

@@ -41,9 +41,12 @@ enum class AdapterKind {
 
 inline const char* to_string(AdapterKind kind) {
   switch (kind) {
-    case AdapterKind::kLora: return "lora";
-    case AdapterKind::kSmora: return "smora";
-    case AdapterKind::kMos: return "mos";
+    case AdapterKind::kLora:
+      return "lora";
+    case AdapterKind::kSmora:
+      return "smora";
+    case AdapterKind::kMos:
+      return "mos";
   }
   return "?";
 }
@@ -57,8 +60,8 @@ inline constexpr AdapterId kNoAdapter = -1;
 struct UnitPoolConfig {
   std::int64_t d_in = 0;
   std::int64_t d_out = 0;
-  std::int64_t capacity_units = 0;  ///< rank units in the pool (a multiple of page_units)
-  std::int64_t page_units = 8;      ///< units per page: the granularity of allocation
+  std::int64_t capacity_units = 0;   ///< rank units in the pool (a multiple of page_units)
+  std::int64_t page_units = 8;       ///< units per page: the granularity of allocation
   std::int64_t max_adapters = 1024;  ///< adapters resident at once
 
   void validate() const {
@@ -109,7 +112,7 @@ class PoolPlan {
     std::int64_t rank = 0;
     double scale = 0.0;
     std::int64_t runs_begin = 0, runs_count = 0;  // the adapter's units: runs_[...]
-    std::int64_t begin = 0;        // into order
+    std::int64_t begin = 0;                       // into order
     std::int64_t count = 0;
     std::int64_t first_token = -1;  // >= 0: the tokens are first_token, first_token + 1, ...
     bool segmented = false;         // served by the backend's segment_lora_forward
@@ -205,8 +208,7 @@ class UnitPool {
     // Counting no tokens zeroes the counts: update_bias before any forward is a no-op.
     Kernels::count_experts(*ctx_, detail::prefix(routed->experts, 0, c.router.choices_per_token()),
                            {}, routed->counts_view());
-    return insert(fn, AdapterKind::kSmora, smora.a(), smora.bt(), smora.scale(),
-                  std::move(routed));
+    return insert(fn, AdapterKind::kSmora, smora.a(), smora.bt(), smora.scale(), std::move(routed));
   }
 
   /// A MoS adapter, stored assembled: its A and B are gathered from the shard
@@ -222,8 +224,8 @@ class UnitPool {
     mos.get_a(a.view(r, d_in()));
     mos.get_b(b.view(d_out(), r));
     Kernels::copy(*ctx_, MatrixView<const T>(b.view(d_out(), r)), Op::kTrans, bt.view(r, d_out()));
-    return add_lora(MatrixView<const T>(a.view(r, d_in())), MatrixView<const T>(bt.view(r, d_out())),
-                    mos.scale(), AdapterKind::kMos);
+    return add_lora(MatrixView<const T>(a.view(r, d_in())),
+                    MatrixView<const T>(bt.view(r, d_out())), mos.scale(), AdapterKind::kMos);
   }
 
   /// Frees the adapter's units and slot. Plans made before are refused.
@@ -288,8 +290,8 @@ class UnitPool {
     for (std::int64_t t = 0; t < n; ++t) {
       const AdapterId id = ids.data[t * step];
       if (id == kNoAdapter) continue;
-      out.order_host_[static_cast<std::size_t>(out.counts_[static_cast<std::size_t>(
-          slot_index(id))]++)] = static_cast<std::int32_t>(t);
+      out.order_host_[static_cast<std::size_t>(
+          out.counts_[static_cast<std::size_t>(slot_index(id))]++)] = static_cast<std::int32_t>(t);
     }
     for (typename Plan::Segment& seg : out.segments_) {
       const std::int32_t* o = out.order_host_.data() + seg.begin;
@@ -312,8 +314,7 @@ class UnitPool {
   /// with kNoAdapter are left alone. In training mode the routing of SMoRA
   /// adapters is kept for backward (with this plan) and their balance bias
   /// steps as their layer's would. y must not overlap x or the pool.
-  void forward(Plan& plan, MatrixView<const T> x, MatrixView<T> y,
-               Mode mode = Mode::kInference) {
+  void forward(Plan& plan, MatrixView<const T> x, MatrixView<T> y, Mode mode = Mode::kInference) {
     constexpr const char* fn = "UnitPool::forward";
     check_plan(fn, plan, x);
     check_view(y, "y (n x d_out)", x.rows, d_out(), Backend::kMemorySpace);
@@ -332,7 +333,8 @@ class UnitPool {
       Slot& s = slot_for(seg);
       const std::int64_t m = seg.count;
       const bool direct = seg.first_token >= 0;
-      const MatrixView<const T> xs = direct ? x.row_block(seg.first_token, m) : gather(plan, seg, x, xs_);
+      const MatrixView<const T> xs =
+          direct ? x.row_block(seg.first_token, m) : gather(plan, seg, x, xs_);
       const MatrixView<T> ys = direct ? y.row_block(seg.first_token, m) : zeroed(ys_, m, d_out());
       if (s.routed) {
         routed_forward(s, xs, ys, mode, plan);
@@ -373,8 +375,8 @@ class UnitPool {
     }
     for (const typename Plan::Segment& seg : plan.segments_) {
       const Slot& s = slot_for(seg);
-      RANKWISE_CHECK(!s.routed || s.routed->serial == plan.serial_, fn,
-                     ": adapter ", s.id, " (smora) needs the training forward of this plan "
+      RANKWISE_CHECK(!s.routed || s.routed->serial == plan.serial_, fn, ": adapter ", s.id,
+                     " (smora) needs the training forward of this plan "
                      "(forward(plan, x, y, Mode::kTraining)) just before its backward");
     }
     ensure_grads();
@@ -383,7 +385,8 @@ class UnitPool {
       Slot& s = slot_for(seg);
       const std::int64_t m = seg.count;
       const bool direct = seg.first_token >= 0;
-      const MatrixView<const T> xs = direct ? x.row_block(seg.first_token, m) : gather(plan, seg, x, xs_);
+      const MatrixView<const T> xs =
+          direct ? x.row_block(seg.first_token, m) : gather(plan, seg, x, xs_);
       const MatrixView<const T> dys =
           direct ? dy.row_block(seg.first_token, m) : gather(plan, seg, dy, dys_);
       MatrixView<T> dxs;
@@ -405,7 +408,9 @@ class UnitPool {
   // ---- parameters ---------------------------------------------------------
 
   /// The adapter's A (r x d_in) and Bᵀ (r x d_out), copied out.
-  void get_a(AdapterId id, MatrixView<T> out) const { copy_out("UnitPool::get_a", id, a_, d_in(), out); }
+  void get_a(AdapterId id, MatrixView<T> out) const {
+    copy_out("UnitPool::get_a", id, a_, d_in(), out);
+  }
   void get_bt(AdapterId id, MatrixView<T> out) const {
     copy_out("UnitPool::get_bt", id, bt_, d_out(), out);
   }
@@ -416,7 +421,9 @@ class UnitPool {
     copy_out("UnitPool::get_grad_bt", id, grad_bt_, d_out(), out);
   }
   /// A SMoRA adapter's router W_r (E x d_in) and its gradient.
-  MatrixView<T> router_weight(AdapterId id) { return routed_of("UnitPool::router_weight", id).wr_view(); }
+  MatrixView<T> router_weight(AdapterId id) {
+    return routed_of("UnitPool::router_weight", id).wr_view();
+  }
   MatrixView<T> grad_router_weight(AdapterId id) {
     return routed_of("UnitPool::grad_router_weight", id).grad_wr_view();
   }
@@ -455,7 +462,8 @@ class UnitPool {
   /// forward (for adapters whose config steps on request only).
   void update_bias(AdapterId id) {
     Routed& r = routed_of("UnitPool::update_bias", id);
-    router_update_bias<Backend, T>(*ctx_, r.config.router, r.counts_view(), r.bias.view(1, r.config.router.num_choices()));
+    router_update_bias<Backend, T>(*ctx_, r.config.router, r.counts_view(),
+                                   r.bias.view(1, r.config.router.num_choices()));
   }
 
  private:
@@ -523,8 +531,8 @@ class UnitPool {
     constexpr MemorySpace space = Backend::kMemorySpace;
     RANKWISE_CHECK(std::isfinite(scale), fn, ": scale must be finite, got ", scale);
     RANKWISE_CHECK(a.rows > 0, fn, ": a must have at least one rank (row), got ", shape_of(a));
-    RANKWISE_CHECK(a.cols == d_in(), fn, ": a (r x d_in) is ", shape_of(a), " but the pool's d_in is ",
-                   d_in());
+    RANKWISE_CHECK(a.cols == d_in(), fn, ": a (r x d_in) is ", shape_of(a),
+                   " but the pool's d_in is ", d_in());
     RANKWISE_CHECK(bt.cols == d_out(), fn, ": bt (r x d_out) is ", shape_of(bt),
                    " but the pool's d_out is ", d_out());
     check_view(a, "a (r x d_in)", a.rows, d_in(), space);
@@ -636,8 +644,8 @@ class UnitPool {
       }
       RANKWISE_CHECK(same, fn, ": adapter ", seg.id,
                      " has other units, rank or scale in this pool than in the one that made the "
-                     "plan (rank ", s->rank, " here, ", seg.rank,
-                     " there); plan the batch for this pool");
+                     "plan (rank ",
+                     s->rank, " here, ", seg.rank, " there); plan the batch for this pool");
     }
     check_view(x, "x (n x d_in)", plan.tokens_, d_in(), Backend::kMemorySpace);
   }
@@ -749,7 +757,8 @@ class UnitPool {
     }
   }
 
-  MatrixView<const std::int32_t> order_of(const Plan& plan, const typename Plan::Segment& seg) const {
+  MatrixView<const std::int32_t> order_of(const Plan& plan,
+                                          const typename Plan::Segment& seg) const {
     return MatrixView<const std::int32_t>(plan.order_.data() + seg.begin, seg.count, 1,
                                           Backend::kMemorySpace);
   }
@@ -839,7 +848,8 @@ class UnitPool {
                                             r.routed_bias.view(1, rc.num_choices()));
       r.serial = plan.serial_;
       if (r.config.update_bias_every_forward) {
-        router_update_bias<Backend, T>(*ctx_, rc, r.counts_view(), r.bias.view(1, rc.num_choices()));
+        router_update_bias<Backend, T>(*ctx_, rc, r.counts_view(),
+                                       r.bias.view(1, rc.num_choices()));
       }
     }
   }
