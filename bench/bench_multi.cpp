@@ -249,11 +249,7 @@ int main(int argc, char** argv) {
   opt.blas = rb::kOpenBlas;
   opt.copies = suite.copies();
   rb::Tally tally = mt::print_multi_tables(rec, opt);
-  if (agree.loop > 1e-4 || agree.padded > 1e-4 || agree.mixed > 1e-4) {
-    std::printf(
-        "\nbenchmark error: the pool's results differ from its baselines' (agreement "
-        "line above): the times compare different computations\n");
-  }
+  mt::report_disagreement(agree);
   if (threads == 1) {
     const auto busy = rec.preempted(0.9, suite.backend() + "/");
     if (!busy.empty()) {

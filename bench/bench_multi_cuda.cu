@@ -222,11 +222,7 @@ int main(int argc, char** argv) {
   opt.cpu_time = false;  // the CUDA-event time
   opt.copies = suite.copies();
   rb::Tally tally = mt::print_multi_tables(rec, opt);
-  if (agree.loop > 1e-4 || agree.padded > 1e-4 || agree.mixed > 1e-4) {
-    std::printf(
-        "\nbenchmark error: the pool's results differ from its baselines' (agreement "
-        "line above): the times compare different computations\n");
-  }
+  mt::report_disagreement(agree);
   std::printf("\n(the targets are stated for the CPU; on the GPU they are shown for comparison)\n");
   rb::print_summary(rec, tally);
   benchmark::Shutdown();

@@ -3,7 +3,6 @@
 // config errors, safe writing).
 #include <catch2/catch.hpp>
 
-#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -19,6 +18,7 @@
 
 #include "rankwise/io/peft_adapter.hpp"
 #include "rankwise/io/safetensors.hpp"
+#include "support/temp_dir.hpp"
 
 #ifndef RANKWISE_TEST_DATA_DIR
 #error "RANKWISE_TEST_DATA_DIR must name tests/data"
@@ -34,28 +34,7 @@ namespace {
 
 const fs::path kFixture = fs::path(RANKWISE_TEST_DATA_DIR) / "gpt2-lora-r8";
 
-// A fresh directory under the system temp dir, removed with everything in it.
-class TempDir {
- public:
-  TempDir() {
-    static unsigned counter = 0;
-    const auto ticks = std::chrono::steady_clock::now().time_since_epoch().count();
-    path_ = fs::temp_directory_path() /
-            ("rankwise-test-io-" + std::to_string(ticks) + "-" + std::to_string(++counter));
-    fs::create_directories(path_);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  const fs::path& path() const { return path_; }
-  fs::path operator/(const std::string& name) const { return path_ / name; }
-
- private:
-  fs::path path_;
-};
+using rwtest::TempDir;
 
 std::vector<std::uint8_t> read_bytes(const fs::path& path) {
   std::ifstream in(path, std::ios::binary);

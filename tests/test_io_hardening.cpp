@@ -20,6 +20,7 @@
 #include "rankwise/io/regex.hpp"
 #include "rankwise/io/safetensors.hpp"
 #include "rankwise/merge/peft_merge.hpp"
+#include "support/temp_dir.hpp"
 
 #ifndef RANKWISE_TEST_DATA_DIR
 #error "RANKWISE_TEST_DATA_DIR must name tests/data"
@@ -36,27 +37,7 @@ namespace {
 
 const fs::path kData = fs::path(RANKWISE_TEST_DATA_DIR);
 
-class TempDir {
- public:
-  TempDir() {
-    static unsigned counter = 0;
-    const auto ticks = std::chrono::steady_clock::now().time_since_epoch().count();
-    path_ = fs::temp_directory_path() /
-            ("rankwise-test-hardening-" + std::to_string(ticks) + "-" + std::to_string(++counter));
-    fs::create_directories(path_);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  const fs::path& path() const { return path_; }
-  fs::path operator/(const std::string& name) const { return path_ / name; }
-
- private:
-  fs::path path_;
-};
+using rwtest::TempDir;
 
 void write_text(const fs::path& path, const std::string& text) {
   std::ofstream out(path, std::ios::binary | std::ios::trunc);

@@ -4,7 +4,6 @@
 // input refused with its message and no pool changed.
 #include <algorithm>
 #include <catch2/catch.hpp>
-#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -17,6 +16,8 @@
 #include <string>
 #include <utility>
 #include <vector>
+
+#include "support/temp_dir.hpp"
 
 #ifndef RANKWISE_TEST_DATA_DIR
 #error "RANKWISE_TEST_DATA_DIR must name tests/data"
@@ -55,27 +56,7 @@ Failure failure_of(const std::function<void()>& f) {
   return {"(no error)", ErrorCode::kInvalidArgument};
 }
 
-// A fresh directory under the system temp dir, removed with everything in it.
-class TempDir {
- public:
-  TempDir() {
-    static unsigned counter = 0;
-    const auto ticks = std::chrono::steady_clock::now().time_since_epoch().count();
-    path_ = fs::temp_directory_path() /
-            ("rankwise-test-pool-io-" + std::to_string(ticks) + "-" + std::to_string(++counter));
-    fs::create_directories(path_);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  fs::path operator/(const std::string& name) const { return path_ / name; }
-
- private:
-  fs::path path_;
-};
+using rwtest::TempDir;
 
 // One pool per module of `adapter`, of that module's shape.
 struct PoolSet {
@@ -333,11 +314,13 @@ TEST_CASE("pool loader: every bad input is refused before any pool changes", "[p
   const auto before = snapshot(set);
   const std::string at = "load_adapter_into_pools: adapter \"" + kGpt2 + "\"";
 
+  // A pool of 8 units of 768 x 768: no module of GPT-2's adapter has that shape.
+  rankwise::UnitPoolConfig square_config;
+  square_config.d_in = square_config.d_out = 768;
+  square_config.capacity_units = 8;
+
   SECTION("a module in the map that the adapter does not have") {
-    rankwise::UnitPoolConfig c;
-    c.d_in = c.d_out = 768;
-    c.capacity_units = 8;
-    Pool extra(ctx, c);
+    Pool extra(ctx, square_config);
     Map map = set.map;
     map["transformer.h.0.attn.q_proj"] = &extra;
     const Failure f = failure_of([&] { io::load_adapter_into_pools(ctx, kGpt2, map); });
@@ -349,10 +332,7 @@ TEST_CASE("pool loader: every bad input is refused before any pool changes", "[p
   }
 
   SECTION("a module's shape differs from its pool's") {
-    rankwise::UnitPoolConfig c;
-    c.d_in = c.d_out = 768;
-    c.capacity_units = 8;
-    Pool square(ctx, c);
+    Pool square(ctx, square_config);
     Map map = set.map;
     map["transformer.h.3.attn.c_attn"] = &square;
     const Failure f = failure_of([&] { io::load_adapter_into_pools(ctx, kGpt2, map); });
@@ -363,8 +343,9 @@ TEST_CASE("pool loader: every bad input is refused before any pool changes", "[p
     CHECK(square.adapters() == 0);
 
     // A pool sized from the Conv1D weight read as (d_out x d_in) is transposed.
-    c.d_in = 2304;
-    Pool transposed(ctx, c);
+    rankwise::UnitPoolConfig transposed_config = square_config;
+    transposed_config.d_in = 2304;
+    Pool transposed(ctx, transposed_config);
     map["transformer.h.3.attn.c_attn"] = &transposed;
     const Failure t = failure_of([&] { io::load_adapter_into_pools(ctx, kGpt2, map); });
     CHECK_THAT(t.message, Contains("but its pool is d_in x d_out = 2304 x 768 (transposed; "

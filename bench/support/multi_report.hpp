@@ -36,6 +36,18 @@ void print_agreement(const Agreement& agree) {
   std::fflush(stdout);
 }
 
+/// After the tables: a pool that disagrees with its baselines makes the run
+/// fail (the smoke tests match "benchmark error:"), since its times compare
+/// different computations.
+template <class Agreement>
+void report_disagreement(const Agreement& agree) {
+  if (agree.loop > 1e-4 || agree.padded > 1e-4 || agree.mixed > 1e-4) {
+    std::printf(
+        "\nbenchmark error: the pool's results differ from its baselines' (agreement "
+        "line above): the times compare different computations\n");
+  }
+}
+
 /// The read rate of this run in bytes/s (0 when not measured).
 inline double read_rate(RecordingReporter& rec, const ReportOptions& o) {
   const Measurement* m = rec.find(read_key(o.backend));

@@ -200,8 +200,8 @@ class UnitPool {
     check_factors(fn, MatrixView<const T>(smora.a()), MatrixView<const T>(smora.bt()),
                   smora.scale());
     auto routed = std::make_unique<Routed>(c, d_in());
-    rankwise::Kernels<Backend, T>::copy(*ctx_, MatrixView<const T>(smora.wr()), Op::kNoTrans,
-                                        routed->wr.view(c.router.num_experts(), d_in()));
+    Kernels::copy(*ctx_, MatrixView<const T>(smora.wr()), Op::kNoTrans,
+                  routed->wr.view(c.router.num_experts(), d_in()));
     rankwise::Kernels<Backend, Acc>::copy(*ctx_, MatrixView<const Acc>(smora.bias()), Op::kNoTrans,
                                           routed->bias.view(1, c.router.num_choices()));
     Kernels::fill(*ctx_, routed->grad_wr_view(), 0.0);
@@ -301,8 +301,7 @@ class UnitPool {
     }
     detail::grow(out.order_, offset);
     if (offset > 0) {
-      rankwise::Kernels<Backend, T>::upload_indices(*ctx_, out.order_host_.data(),
-                                                    detail::prefix(out.order_, offset, 1));
+      Kernels::upload_indices(*ctx_, out.order_host_.data(), detail::prefix(out.order_, offset, 1));
     }
     out.table_ = SegmentTable{};
     if constexpr (Kernels::kSegmentedLora) pack_segment_table(out);
