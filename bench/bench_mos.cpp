@@ -21,7 +21,7 @@
 // The tables use CPU time (one thread: Eigen without OpenMP), which leaves out
 // the spans a shared machine descheduled the process.
 //
-// kAuto follows Kernels::prefer_assembled_shards(n): on the CPU always the
+// kAuto follows TuningPolicy::prefer_assembled_shards(n): on the CPU always the
 // direct path, whose gathers run as GEMMs over the shared shard rows
 // (broadcast unit lists, Kernels<CpuBackend>::gather_dot & co.).
 //

@@ -260,7 +260,7 @@ int main(int argc, char** argv) {
   opt.clock = sm::Clock::kCpu;
   opt.blas = rb::kOpenBlas;
   opt.prefer_dense = [](std::int64_t n, std::int64_t k, std::int64_t r) {
-    return rankwise::Kernels<CpuBackend, T>::prefer_dense(n, k, r);
+    return rankwise::TuningPolicy<CpuBackend>::prefer_dense(n, k, r);
   };
   char note[256];
   std::snprintf(note, sizeof note,

@@ -87,7 +87,7 @@ sm::ReportOptions options(const std::string& backend, const char* title, bool qu
   o.clock = sm::Clock::kReal;  // the CUDA-event time
   o.element_bytes = sizeof(T);
   o.prefer_dense = [](std::int64_t n, std::int64_t k, std::int64_t r) {
-    return rankwise::Kernels<CudaBackend, T>::prefer_dense(n, k, r);
+    return rankwise::TuningPolicy<CudaBackend>::prefer_dense(n, k, r);
   };
   char note[256];
   std::snprintf(note, sizeof note,

@@ -4,7 +4,7 @@ find_package(nlohmann_json 3 REQUIRED)
 
 add_executable(test_adapter_files ${CMAKE_CURRENT_LIST_DIR}/test_adapter_files.cpp)
 target_link_libraries(test_adapter_files PRIVATE
-  rankwise_catch_main rankwise::rankwise nlohmann_json::nlohmann_json Catch2::Catch2 rankwise_warnings)
+  rankwise_catch_main rankwise::io nlohmann_json::nlohmann_json Catch2::Catch2 rankwise_warnings)
 target_compile_definitions(test_adapter_files PRIVATE
   RANKWISE_TEST_DATA_DIR="${CMAKE_CURRENT_LIST_DIR}/data")
 # The merge tool is run on adapters with modules_to_save (defined later, by examples/).

@@ -1,12 +1,12 @@
 # LoRA-LEGO and the baseline merges (test_merge).
 add_executable(test_merge ${CMAKE_CURRENT_LIST_DIR}/test_merge.cpp)
-target_link_libraries(test_merge PRIVATE rankwise_catch_main rankwise::rankwise rankwise_warnings)
+target_link_libraries(test_merge PRIVATE rankwise_catch_main rankwise::merge rankwise_warnings)
 add_test(NAME test_merge COMMAND test_merge --warn NoAssertions)
 set_tests_properties(test_merge PROPERTIES LABELS cpu TIMEOUT 300)
 
 # Merging the GPT-2 fixture (tests/data) through the PEFT reader and writer.
 add_executable(test_peft_merge ${CMAKE_CURRENT_LIST_DIR}/test_peft_merge.cpp)
-target_link_libraries(test_peft_merge PRIVATE rankwise_catch_main rankwise::rankwise rankwise_warnings)
+target_link_libraries(test_peft_merge PRIVATE rankwise_catch_main rankwise::merge rankwise_warnings)
 target_compile_definitions(test_peft_merge PRIVATE
   RANKWISE_TEST_DATA_DIR="${CMAKE_CURRENT_LIST_DIR}/data")
 add_test(NAME test_peft_merge COMMAND test_peft_merge --warn NoAssertions)

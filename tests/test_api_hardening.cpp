@@ -6,6 +6,7 @@
 #include <limits>
 #include <vector>
 
+#include "rankwise/merge/baselines.hpp"
 #include "support/harness_cpu.hpp"
 
 using Catch::Matchers::Contains;

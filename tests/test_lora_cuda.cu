@@ -8,12 +8,18 @@
 #include <utility>
 #include <vector>
 
+#include "cases/backend_conformance.hpp"
 #include "cases/kernel_cases.hpp"
 #include "cases/lora_cases.hpp"
 #include "cases/unit_kernel_cases.hpp"
 #include "support/cuda_session.cuh"
 #include "support/harness_cuda.cuh"
-#include "support/smora_io_cuda.cuh"
+#include "support/smora_io.hpp"
+
+static_assert(rwtest::conformance::provides_every_primitive<rankwise::CudaBackend, float>());
+static_assert(rwtest::conformance::provides_every_primitive<rankwise::CudaBackend, __half>());
+static_assert(
+    rwtest::conformance::provides_every_primitive<rankwise::CudaBackend, __nv_bfloat16>());
 
 RWTEST_KERNEL_TEST_CASES(rwtest::CudaHarness, "[cuda]", float, __half, __nv_bfloat16)
 RWTEST_UNIT_KERNEL_TEST_CASES(rwtest::CudaHarness, "[cuda]", float, __half, __nv_bfloat16)

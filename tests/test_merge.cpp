@@ -354,8 +354,9 @@ TEST_CASE("the Lego layer applies the merged units with their gates", "[merge][l
     for (std::size_t i = 0; i < x.size(); ++i) x[i] = std::sin(0.3 * static_cast<double>(i));
     for (auto path : {rankwise::RankUnitPath::kSparse, rankwise::RankUnitPath::kDense}) {
       std::fill(y.begin(), y.end(), 0.5);
+      layer.set_path(path);
       layer.forward(rankwise::host_view<const double>(x.data(), n, 12),
-                    rankwise::host_view(y.data(), n, 10), path);
+                    rankwise::host_view(y.data(), n, 10));
       for (int t = 0; t < n; ++t) {
         for (int oi = 0; oi < 10; ++oi) {
           double ref = 0.5;

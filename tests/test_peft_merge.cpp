@@ -4,7 +4,8 @@
 
 #include <cmath>
 #include <filesystem>
-#include <rankwise/rankwise.hpp>
+#include <rankwise/io.hpp>
+#include <rankwise/merge.hpp>
 #include <string>
 #include <vector>
 

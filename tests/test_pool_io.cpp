@@ -11,6 +11,7 @@
 #include <functional>
 #include <memory>
 #include <random>
+#include <rankwise/io/peft_adapter.hpp>
 #include <rankwise/io/pool_loader.hpp>
 #include <rankwise/rankwise.hpp>
 #include <string>

@@ -13,7 +13,7 @@
 #include "cases/smora_option_cases.hpp"
 #include "support/cuda_session.cuh"
 #include "support/harness_cuda.cuh"
-#include "support/smora_io_cuda.cuh"
+#include "support/smora_io.hpp"
 
 RWTEST_SMORA_TEST_CASES(rwtest::CudaHarness, "[cuda]", float, __half, __nv_bfloat16)
 RWTEST_SMORA_OPTION_CASES(rwtest::CudaHarness, "[cuda]", float, __half, __nv_bfloat16)

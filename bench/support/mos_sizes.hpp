@@ -114,11 +114,11 @@ inline const char* path_name(ShardPath path) {
 }
 
 /// The path Mos's kAuto takes for n tokens (Mos::path_for:
-/// Kernels::prefer_assembled_shards), as the tables name it. Instantiate
+/// TuningPolicy::prefer_assembled_shards), as the tables name it. Instantiate
 /// after including the backend (<rankwise/rankwise.hpp> or <rankwise/cuda.cuh>).
 template <class Backend, class T>
 std::string auto_path(std::int64_t n) {
-  return Kernels<Backend, T>::prefer_assembled_shards(n) ? "assembled" : "direct";
+  return rankwise::TuningPolicy<Backend>::prefer_assembled_shards(n) ? "assembled" : "direct";
 }
 
 /// The pool's zero_grad() alone (part of every MoS step).

@@ -32,7 +32,7 @@ struct ReportOptions {
   std::string title;    // e.g. "CPU (Eigen, float)"
   bool quick = false;
   Clock clock = Clock::kReal;
-  /// Kernels<Backend, T>::prefer_dense: what kAuto resolves to.
+  /// TuningPolicy<Backend>::prefer_dense: what kAuto resolves to.
   std::function<bool(std::int64_t, std::int64_t, std::int64_t)> prefer_dense;
   /// One line each on what "cached" and "uncached" mean for this backend.
   std::string cached_note, uncached_note;
@@ -163,7 +163,7 @@ inline SmoraTally print_layer_table(RecordingReporter& rec, const ReportOptions&
     }
   }
   std::printf(
-      "\nauto(S|D): the path kAuto resolves to (Kernels::prefer_dense). bound: the N = 1 "
+      "\nauto(S|D): the path kAuto resolves to (TuningPolicy::prefer_dense). bound: the N = 1 "
       "byte bound, (E + 2k) / 2r of dense rank-64's bytes.%s\n",
       o.blas ? " blas64: dense LoRA-64 as the cblas_sgemm calls a user writes (OpenBLAS), "
                "on the same memory; /bl64: auto / blas64."

@@ -21,19 +21,21 @@
 #include <cstdio>
 #include <memory>
 #include <string>
+#include <type_traits>
+#include <variant>
 #include <vector>
 
+#include "problem.hpp"
 #include "rankwise/backend/kernels_decl.hpp"
 #include "rankwise/backend/tags.hpp"
 #include "rankwise/core/matrix_view.hpp"
 #include "rankwise/core/random.hpp"
+#include "rankwise/layers/layer.hpp"
 #include "rankwise/layers/lora.hpp"
 #include "rankwise/layers/mos.hpp"
 #include "rankwise/layers/shard_pool.hpp"
 #include "rankwise/layers/smora.hpp"
 #include "rankwise/optim/adam.hpp"
-
-#include "problem.hpp"
 #include "study.hpp"
 
 namespace multitask {
@@ -56,114 +58,55 @@ template <class Backend>
 struct DeviceOps;
 
 // ---------------------------------------------------------------------------
-// Adapters: one interface over Lora, Smora and Mos.
+// The adapted layers: Lora, Smora or Mos, used through the layer concept
+// (rankwise/layers/layer.hpp): the same forward, backward, parameters() and
+// num_parameters() on all three, so the model holds a std::variant and one
+// generic lambda drives whichever it holds.
 // ---------------------------------------------------------------------------
 template <class T, class Backend>
-class Adapter {
- public:
-  virtual ~Adapter() = default;
-  /// y += delta(x); `training` keeps what backward needs (Smora: routing, balance bias).
-  virtual void forward(MatrixView<const T> x, MatrixView<T> y, bool training) = 0;
-  /// Fills the gradients (Mos: adds into its pool's) and adds dL/dx into dx when given.
-  virtual void backward(MatrixView<const T> x, MatrixView<const T> dy, MatrixView<T> dx) = 0;
-  /// Own trainable tensors (Mos: none, its pool's are the model's).
-  virtual std::vector<ParameterRef<T>> parameters() = 0;
-  virtual std::int64_t num_parameters() const = 0;
-};
+using AdaptedLayer = std::variant<std::monostate, rankwise::Lora<T, Backend>,
+                                  rankwise::Smora<T, Backend>, rankwise::Mos<T, Backend>>;
 
-template <class T, class Backend>
-class LoraAdapter final : public Adapter<T, Backend> {
- public:
-  LoraAdapter(Context<Backend>& ctx, std::int64_t d_in, std::int64_t d_out, const MethodSpec& m,
-              std::uint64_t seed)
-      : layer_(ctx, config(d_in, d_out, m)) {
-    layer_.init_peft(seed);
-  }
-  void forward(MatrixView<const T> x, MatrixView<T> y, bool) override { layer_.forward(x, y); }
-  void backward(MatrixView<const T> x, MatrixView<const T> dy, MatrixView<T> dx) override {
-    layer_.backward(x, dy, dx);
-  }
-  std::vector<ParameterRef<T>> parameters() override { return layer_.parameters(); }
-  std::int64_t num_parameters() const override { return layer_.num_parameters(); }
+inline rankwise::LoraConfig lora_config(std::int64_t d_in, std::int64_t d_out,
+                                        const MethodSpec& m) {
+  rankwise::LoraConfig c;
+  c.d_in = d_in;
+  c.d_out = d_out;
+  c.rank = m.rank;
+  c.alpha = m.alpha;
+  return c;
+}
 
- private:
-  static rankwise::LoraConfig config(std::int64_t d_in, std::int64_t d_out, const MethodSpec& m) {
-    rankwise::LoraConfig c;
-    c.d_in = d_in;
-    c.d_out = d_out;
-    c.rank = m.rank;
-    c.alpha = m.alpha;
-    return c;
+template <class Backend>
+rankwise::SmoraConfig smora_config(std::int64_t d_in, std::int64_t d_out, const MethodSpec& m,
+                                   MoeGates gates) {
+  rankwise::SmoraConfig c;
+  c.d_in = d_in;
+  c.d_out = d_out;
+  c.router.num_units = m.rank;
+  c.router.group_size = m.group_size;
+  c.router.top_k = m.top_k;
+  c.alpha = m.alpha;
+  c.check_finite = DeviceOps<Backend>::kCheckRouterFinite;
+  if (m.moe && gates == MoeGates::kSoftmaxProb) {
+    // A conventional MoE router: softmax over the experts, each selected
+    // expert weighted by its probability (Switch Transformer for top-1).
+    // Renormalising the selected gates (the SMoRA default, kSumToK) makes a
+    // top-1 gate constant, so its router would get no gradient at all.
+    c.router.score = rankwise::ScoreFunction::kSoftmax;
+    c.router.normalization = rankwise::GateNormalization::kNone;
+    c.router.gate_uses_bias = false;
   }
-  rankwise::Lora<T, Backend> layer_;
-};
+  return c;
+}
 
-template <class T, class Backend>
-class SmoraAdapter final : public Adapter<T, Backend> {
- public:
-  SmoraAdapter(Context<Backend>& ctx, std::int64_t d_in, std::int64_t d_out, const MethodSpec& m,
-               MoeGates gates, std::uint64_t seed)
-      : layer_(ctx, config(d_in, d_out, m, gates)) {
-    layer_.init(seed);
-  }
-  void forward(MatrixView<const T> x, MatrixView<T> y, bool training) override {
-    layer_.forward(x, y, training ? rankwise::Mode::kTraining : rankwise::Mode::kInference);
-  }
-  void backward(MatrixView<const T> x, MatrixView<const T> dy, MatrixView<T> dx) override {
-    layer_.backward(x, dy, dx);
-  }
-  std::vector<ParameterRef<T>> parameters() override { return layer_.parameters(); }
-  std::int64_t num_parameters() const override { return layer_.num_parameters(); }
-
-  static rankwise::SmoraConfig config(std::int64_t d_in, std::int64_t d_out, const MethodSpec& m,
-                                      MoeGates gates) {
-    rankwise::SmoraConfig c;
-    c.d_in = d_in;
-    c.d_out = d_out;
-    c.router.num_units = m.rank;
-    c.router.group_size = m.group_size;
-    c.router.top_k = m.top_k;
-    c.alpha = m.alpha;
-    c.check_finite = DeviceOps<Backend>::kCheckRouterFinite;
-    if (m.moe && gates == MoeGates::kSoftmaxProb) {
-      // A conventional MoE router: softmax over the experts, each selected
-      // expert weighted by its probability (Switch Transformer for top-1).
-      // Renormalising the selected gates (the SMoRA default, kSumToK) makes a
-      // top-1 gate constant, so its router would get no gradient at all.
-      c.router.score = rankwise::ScoreFunction::kSoftmax;
-      c.router.normalization = rankwise::GateNormalization::kNone;
-      c.router.gate_uses_bias = false;
-    }
-    return c;
-  }
-
- private:
-  rankwise::Smora<T, Backend> layer_;
-};
-
-template <class T, class Backend>
-class MosAdapter final : public Adapter<T, Backend> {
- public:
-  MosAdapter(rankwise::ShardPool<T, Backend>& pool, std::int64_t layer, const MethodSpec& m,
-             std::uint64_t seed)
-      : layer_(pool, layer, config(m, seed)) {}
-  void forward(MatrixView<const T> x, MatrixView<T> y, bool) override { layer_.forward(x, y); }
-  void backward(MatrixView<const T> x, MatrixView<const T> dy, MatrixView<T> dx) override {
-    layer_.backward(x, dy, dx);
-  }
-  std::vector<ParameterRef<T>> parameters() override { return {}; }
-  std::int64_t num_parameters() const override { return 0; }
-
- private:
-  static rankwise::MosConfig config(const MethodSpec& m, std::uint64_t seed) {
-    rankwise::MosConfig c;
-    c.rank = m.rank;
-    c.alpha = m.alpha;
-    c.seed = seed;
-    return c;
-  }
-  rankwise::Mos<T, Backend> layer_;
-};
+inline rankwise::MosConfig mos_config(const MethodSpec& m, std::uint64_t seed) {
+  rankwise::MosConfig c;
+  c.rank = m.rank;
+  c.alpha = m.alpha;
+  c.seed = seed;
+  return c;
+}
 
 /// Parameters one token touches in one adapted layer (d_in -> d_out):
 ///   LoRA      r (d_in + d_out)
@@ -193,23 +136,33 @@ class Student {
   /// allocated for up to `capacity` rows.
   Student(Context<Backend>& ctx, MatrixView<const T> w1, MatrixView<const T> w2,
           const MethodSpec* method, MoeGates gates, std::uint64_t seed, std::int64_t capacity)
-      : ctx_(&ctx), w1_(w1), w2_(w2), d_(w1.rows), capacity_(capacity),
-        z_(capacity * d_), h_(capacity * d_), y_(capacity * d_), dy_(capacity * d_),
+      : ctx_(&ctx),
+        w1_(w1),
+        w2_(w2),
+        d_(w1.rows),
+        capacity_(capacity),
+        z_(capacity * d_),
+        h_(capacity * d_),
+        y_(capacity * d_),
+        dy_(capacity * d_),
         dh_(capacity * d_) {
     if (method == nullptr) return;
     const MethodSpec& m = *method;
+    using Lora = rankwise::Lora<T, Backend>;
+    using Smora = rankwise::Smora<T, Backend>;
+    using Mos = rankwise::Mos<T, Backend>;
     switch (m.kind) {
       case MethodSpec::Kind::kLora:
-        layer1_ =
-            std::make_unique<LoraAdapter<T, Backend>>(ctx, d_, d_, m, rankwise::substream(seed, 1));
-        layer2_ =
-            std::make_unique<LoraAdapter<T, Backend>>(ctx, d_, d_, m, rankwise::substream(seed, 2));
+        layer1_.template emplace<Lora>(ctx, lora_config(d_, d_, m))
+            .init_peft(rankwise::substream(seed, 1));
+        layer2_.template emplace<Lora>(ctx, lora_config(d_, d_, m))
+            .init_peft(rankwise::substream(seed, 2));
         break;
       case MethodSpec::Kind::kSmora:
-        layer1_ = std::make_unique<SmoraAdapter<T, Backend>>(ctx, d_, d_, m, gates,
-                                                             rankwise::substream(seed, 1));
-        layer2_ = std::make_unique<SmoraAdapter<T, Backend>>(ctx, d_, d_, m, gates,
-                                                             rankwise::substream(seed, 2));
+        layer1_.template emplace<Smora>(ctx, smora_config<Backend>(d_, d_, m, gates))
+            .init(rankwise::substream(seed, 1));
+        layer2_.template emplace<Smora>(ctx, smora_config<Backend>(d_, d_, m, gates))
+            .init(rankwise::substream(seed, 2));
         break;
       case MethodSpec::Kind::kMos: {
         // Both layers are d -> d, so they are one projection type sharing one
@@ -223,21 +176,22 @@ class Student {
         pc.shards_per_vector = m.mos_l;
         pool_ = std::make_unique<rankwise::ShardPool<T, Backend>>(ctx, pc);
         pool_->init(rankwise::substream(seed, 3));
-        layer1_ =
-            std::make_unique<MosAdapter<T, Backend>>(*pool_, 0, m, rankwise::substream(seed, 4));
-        layer2_ =
-            std::make_unique<MosAdapter<T, Backend>>(*pool_, 1, m, rankwise::substream(seed, 4));
+        layer1_.template emplace<Mos>(*pool_, 0, mos_config(m, rankwise::substream(seed, 4)));
+        layer2_.template emplace<Mos>(*pool_, 1, mos_config(m, rankwise::substream(seed, 4)));
         break;
       }
     }
     activated_ = 2 * activated_per_layer(m, d_, d_);
   }
 
+  /// The adapters' trainable tensors: each layer's own, and the shard pool's
+  /// once (a Mos layer owns none: kOwnsParameters is false).
   std::vector<ParameterRef<T>> parameters() {
     std::vector<ParameterRef<T>> out;
-    for (Adapter<T, Backend>* a : {layer1_.get(), layer2_.get()}) {
-      if (a == nullptr) continue;
-      for (auto& p : a->parameters()) out.push_back(p);
+    for (AdaptedLayer<T, Backend>* layer : {&layer1_, &layer2_}) {
+      visit_layer(*layer, [&](auto& l) {
+        for (auto& p : l.parameters()) out.push_back(p);
+      });
     }
     if (pool_) {
       for (auto& p : pool_->parameters()) out.push_back(p);
@@ -246,7 +200,9 @@ class Student {
   }
   std::int64_t trainable() const {
     std::int64_t n = pool_ ? pool_->num_parameters() : 0;
-    if (layer1_) n += layer1_->num_parameters() + layer2_->num_parameters();
+    for (const AdaptedLayer<T, Backend>* layer : {&layer1_, &layer2_}) {
+      visit_layer(*layer, [&](const auto& l) { n += l.num_parameters(); });
+    }
     return n;
   }
   std::int64_t activated() const { return activated_; }
@@ -259,11 +215,12 @@ class Student {
     RANKWISE_CHECK(n <= capacity_, "Student: ", n, " rows exceed the capacity ", capacity_);
     K::gemm(*ctx_, Acc(1), x, rankwise::Op::kNoTrans, w1_, rankwise::Op::kTrans, Acc(0),
             rows(z_, n));
-    if (layer1_) layer1_->forward(x, rows(z_, n), training);
+    const rankwise::Mode mode = training ? rankwise::Mode::kTraining : rankwise::Mode::kInference;
+    visit_layer(layer1_, [&](auto& l) { l.forward(x, rows(z_, n), mode); });
     DeviceOps<Backend>::gelu_forward(*ctx_, crows(z_, n), rows(h_, n));
     K::gemm(*ctx_, Acc(1), crows(h_, n), rankwise::Op::kNoTrans, w2_, rankwise::Op::kTrans, Acc(0),
             rows(y_, n));
-    if (layer2_) layer2_->forward(crows(h_, n), rows(y_, n), training);
+    visit_layer(layer2_, [&](auto& l) { l.forward(crows(h_, n), rows(y_, n), mode); });
   }
 
   MatrixView<const T> output(std::int64_t n) { return crows(y_, n); }
@@ -279,12 +236,22 @@ class Student {
     // dh = dy W2 (+ the layer-2 adapter's part), then dz = dh * gelu'(z) in place.
     K::gemm(*ctx_, Acc(1), crows(dy_, n), rankwise::Op::kNoTrans, w2_, rankwise::Op::kNoTrans,
             Acc(0), rows(dh_, n));
-    layer2_->backward(crows(h_, n), crows(dy_, n), rows(dh_, n));
+    visit_layer(layer2_, [&](auto& l) { l.backward(crows(h_, n), crows(dy_, n), rows(dh_, n)); });
     DeviceOps<Backend>::gelu_backward(*ctx_, crows(z_, n), crows(dh_, n), rows(dh_, n));
-    layer1_->backward(x, crows(dh_, n), MatrixView<T>());  // dL/dx is not needed
+    visit_layer(layer1_, [&](auto& l) { l.backward(x, crows(dh_, n)); });  // dL/dx is not needed
   }
 
  private:
+  // f(layer) for the layer a variant holds; nothing for the frozen base.
+  template <class Variant, class F>
+  static void visit_layer(Variant& layer, F&& f) {
+    std::visit(
+        [&](auto& l) {
+          if constexpr (!std::is_same<std::decay_t<decltype(l)>, std::monostate>::value) f(l);
+        },
+        layer);
+  }
+
   MatrixView<T> rows(Buffer<Backend, T>& b, std::int64_t n) {
     return MatrixView<T>(b.data(), n, d_, Backend::kMemorySpace);
   }
@@ -296,7 +263,7 @@ class Student {
   MatrixView<const T> w1_, w2_;
   std::int64_t d_, capacity_;
   std::unique_ptr<rankwise::ShardPool<T, Backend>> pool_;  // before the layers that use it
-  std::unique_ptr<Adapter<T, Backend>> layer1_, layer2_;
+  AdaptedLayer<T, Backend> layer1_, layer2_;
   std::int64_t activated_ = 0;
   Buffer<Backend, T> z_, h_, y_, dy_, dh_;
 };
@@ -453,11 +420,12 @@ StudyResult run_study(Context<Backend>& ctx, const StudyOptions& o,
         b += base_loss[t] / tasks;
         f += bayes[t] / tasks;
       }
-      std::printf("seed %llu (%lld/%lld): data in %.2f s; test MSE of the frozen base %.4f, "
-                  "of the task-blind Bayes predictor %.4f\n",
-                  static_cast<unsigned long long>(seed), static_cast<long long>(s + 1),
-                  static_cast<long long>(o.seeds),
-                  std::chrono::duration<double>(Clock::now() - data_start).count(), b, f);
+      std::printf(
+          "seed %llu (%lld/%lld): data in %.2f s; test MSE of the frozen base %.4f, "
+          "of the task-blind Bayes predictor %.4f\n",
+          static_cast<unsigned long long>(seed), static_cast<long long>(s + 1),
+          static_cast<long long>(o.seeds),
+          std::chrono::duration<double>(Clock::now() - data_start).count(), b, f);
       std::fflush(stdout);
     }
     for (std::size_t i = 0; i < methods.size(); ++i) {

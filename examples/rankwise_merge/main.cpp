@@ -1,7 +1,8 @@
 // rankwise-merge: merges PEFT LoRA adapters module by module with LoRA-LEGO
 // or a baseline, writes a PEFT adapter PEFT can load and, on request, a JSON
 // quality report.
-#include <rankwise/rankwise.hpp>
+#include <rankwise/io.hpp>
+#include <rankwise/merge.hpp>
 
 #if defined(RANKWISE_MERGE_WITH_CUDA)
 #include "gpu_gram.hpp"

@@ -35,7 +35,9 @@
 #include <map>
 #include <memory>
 #include <random>
+#include <rankwise/io/peft_adapter.hpp>
 #include <rankwise/io/pool_loader.hpp>
+#include <rankwise/merge/peft_merge.hpp>
 #include <rankwise/rankwise.hpp>
 #include <stdexcept>
 #include <string>

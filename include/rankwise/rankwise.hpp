@@ -1,4 +1,4 @@
-// rankwise on the CPU: the core, the Eigen backend and every layer.
+// rankwise on the CPU: the core, the Eigen backend, every layer and Adam (no file I/O, no merges).
 #pragma once
 
 #include "rankwise/backend/eigen/buffer.hpp"
@@ -22,8 +22,6 @@
 #include "rankwise/core/tiling.hpp"
 #include "rankwise/core/unit_pages.hpp"
 #include "rankwise/core/workspace.hpp"
-#include "rankwise/io/peft_adapter.hpp"
-#include "rankwise/io/safetensors.hpp"
 #include "rankwise/layers/lego.hpp"
 #include "rankwise/layers/lora.hpp"
 #include "rankwise/layers/lora_ops.hpp"
@@ -33,11 +31,4 @@
 #include "rankwise/layers/shard_pool.hpp"
 #include "rankwise/layers/smora.hpp"
 #include "rankwise/layers/unit_pool.hpp"
-#include "rankwise/merge/baselines.hpp"
-#include "rankwise/merge/kmeans.hpp"
-#include "rankwise/merge/lego.hpp"
-#include "rankwise/merge/lora_factors.hpp"
-#include "rankwise/merge/merge_modules.hpp"
-#include "rankwise/merge/peft_merge.hpp"
-#include "rankwise/merge/quality.hpp"
 #include "rankwise/optim/adam.hpp"

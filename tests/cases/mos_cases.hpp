@@ -390,13 +390,12 @@ void zero_and_one_token() {
   }
 }
 
-/// kAuto takes the backend's crossover (Kernels::prefer_assembled_shards(n));
+/// kAuto takes the backend's crossover (TuningPolicy::prefer_assembled_shards(n));
 /// explicit paths are kept whatever n; kAuto matches the reference on both
 /// sides of the crossover (or at few and many tokens when there is none).
 template <class H, class T>
 void auto_path_follows_crossover() {
   typename H::Ctx ctx;
-  using K = rankwise::Kernels<typename H::Backend, T>;
   const MosShape sh{12, 8, 2, 2, 1, 2, 2};
   const std::uint64_t seed = 3500;
   RWTEST_MOS_INFO(H, T, sh, seed);
@@ -408,7 +407,7 @@ void auto_path_follows_crossover() {
   MosOf<H, T> assembled(pool, 0, config_for(sh, seed), ShardPath::kAssembled);
   std::int64_t first_assembled = -1;  // stays -1 where the backend never assembles
   for (std::int64_t n = 0; n <= 4096; ++n) {
-    const bool assemble = K::prefer_assembled_shards(n);
+    const bool assemble = rankwise::TuningPolicy<typename H::Backend>::prefer_assembled_shards(n);
     CHECK(automatic.path_for(n) == (assemble ? ShardPath::kAssembled : ShardPath::kDirect));
     CHECK(direct.path_for(n) == ShardPath::kDirect);
     CHECK(assembled.path_for(n) == ShardPath::kAssembled);

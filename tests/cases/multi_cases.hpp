@@ -468,7 +468,7 @@ void one_adapter_equals_its_layer_bit_for_bit() {
   f.entries[0].lora->forward(xd.cview().row_block(0, 20), y_layers.view().row_block(0, 20));
   f.entries[1].lora->forward(xd.cview().row_block(20, 17), y_layers.view().row_block(20, 17));
   using K = rankwise::Kernels<typename H::Backend, T>;
-  if (!K::kSegmentedLora || !K::prefer_segmented(20)) {
+  if (!K::kSegmentedLora || !rankwise::TuningPolicy<typename H::Backend>::prefer_segmented(20)) {
     CHECK(to_host_raw<H, T>(f.ctx, y_pool.cview()) == to_host_raw<H, T>(f.ctx, y_layers.cview()));
   } else {
     const HostMatrix expected = to_host<H, T>(f.ctx, y_layers.cview());

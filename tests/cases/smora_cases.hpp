@@ -943,10 +943,9 @@ void identity_mixture_of_loras() {
 
 /// The sparse and dense paths agree within rounding (they sum in different
 /// orders, so not bit for bit), and kAuto runs the path the backend's
-/// prefer_dense names, bit for bit.
+/// tuning policy's prefer_dense names, bit for bit.
 template <class H, class T>
 void sparse_and_dense_agree() {
-  using K = rankwise::Kernels<typename H::Backend, T>;
   typename H::Ctx ctx;
   std::uint64_t seed = 4200;
   for (const SmoraShape& sh : {SmoraShape{300, 24, 40, 16, 4, 1}, SmoraShape{5, 19, 7, 12, 6, 3},
@@ -975,7 +974,8 @@ void sparse_and_dense_agree() {
     RWTEST_SMORA_CLOSE(runs[1].db, runs[0].db, ref.db.mag, SmoraTolerance<T>::kPaths);
     RWTEST_SMORA_CLOSE(runs[1].dwr, runs[0].dwr, ref.dwr.mag, SmoraTolerance<T>::kPaths);
     RWTEST_SMORA_CLOSE(runs[1].dx, runs[0].dx, ref.dx.mag, SmoraTolerance<T>::kPaths);
-    const int auto_is = K::prefer_dense(sh.n, sh.k, sh.r) ? 1 : 0;
+    const int auto_is =
+        rankwise::TuningPolicy<typename H::Backend>::prefer_dense(sh.n, sh.k, sh.r) ? 1 : 0;
     INFO("prefer_dense(" << sh.n << ", " << sh.k << ", " << sh.r << ") = " << auto_is);
     CHECK(first_bit_difference(ys[2], ys[auto_is]) == -1);
   }

@@ -192,8 +192,8 @@ DeviceIndices<H> indices_to_device(typename H::Ctx& ctx, const HostIndices& u, L
 template <class H>
 std::vector<std::int32_t> indices_storage_to_host(typename H::Ctx& ctx, const DeviceIndices<H>& d) {
   std::vector<std::int32_t> all(static_cast<std::size_t>(d.stored_rows * d.stored_ld));
-  RawCopy<typename H::Backend>::to_host(ctx, all.data(), d.buf.data(),
-                                        sizeof(std::int32_t) * all.size());
+  rankwise::Memory<typename H::Backend>::download(ctx, all.data(), d.buf.data(),
+                                                  sizeof(std::int32_t) * all.size());
   return all;
 }
 

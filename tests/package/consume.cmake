@@ -3,9 +3,14 @@
 #   STEP=install   install BUILD_DIR into a fresh PREFIX
 #   STEP=consume   configure the consumer project from scratch in
 #                  CONSUMER_BINARY_DIR (cache seeded from SETTINGS, MODE,
-#                  optional PACKAGE_DIR / PREFIX / RANKWISE_SOURCE_DIR),
-#                  build it and run its ctest. With EXPECT_CONFIGURE_ERROR set,
-#                  the configure must instead fail with output matching it.
+#                  optional PACKAGE_DIR / PREFIX / RANKWISE_SOURCE_DIR /
+#                  CONSUMER_CUDA / CONSUMER_COMPONENTS), build it and run its
+#                  ctest. CORE_ONLY=ON: the consumer of rankwise::rankwise alone
+#                  (CONSUMER_IO=OFF), with nlohmann_json made unfindable.
+#                  NO_IO=ON: the io and merge consumers are left out (they
+#                  are built by one test only, package.find_package). With
+#                  EXPECT_CONFIGURE_ERROR set, the configure must instead fail
+#                  with output matching it.
 #
 # CONFIG is the build configuration ($<CONFIG>, may be empty).
 
@@ -31,6 +36,16 @@ if(RANKWISE_SOURCE_DIR)
 endif()
 if(DEFINED CONSUMER_CUDA)
   list(APPEND configure_args "-DCONSUMER_CUDA=${CONSUMER_CUDA}")
+endif()
+if(CORE_ONLY)
+  # Any find_package(nlohmann_json), REQUIRED or not, then finds nothing.
+  list(APPEND configure_args -DCONSUMER_IO=OFF -DCONSUMER_CORE_ONLY=ON
+       -DCMAKE_DISABLE_FIND_PACKAGE_nlohmann_json=ON)
+elseif(NO_IO)
+  list(APPEND configure_args -DCONSUMER_IO=OFF)
+endif()
+if(CONSUMER_COMPONENTS)
+  list(APPEND configure_args "-DCONSUMER_EXTRA_COMPONENTS=${CONSUMER_COMPONENTS}")
 endif()
 
 # From scratch each time: a stale cache would hide configuration problems.

@@ -1,16 +1,15 @@
 // Transfers of the integer tensors the router works with (units, experts,
 // counts: int32; the token mask: uint8) and of the layer's parameters, over a
-// harness H. Kernels<Backend, T> only moves floating-point types, so the raw
-// bytes go through RawCopy<Backend>: memcpy here, cudaMemcpy in
-// support/smora_io_cuda.cuh. No Eigen, no CUDA.
+// harness H: the raw bytes go through the backend's untyped Memory<Backend>
+// (rankwise/backend/memory_decl.hpp). No Eigen, no CUDA.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
 #include "rankwise/backend/kernels_decl.hpp"
+#include "rankwise/backend/memory_decl.hpp"
 #include "rankwise/backend/tags.hpp"
 #include "rankwise/core/matrix_view.hpp"
 #include "rankwise/core/numeric.hpp"
@@ -19,22 +18,6 @@
 
 namespace rwtest {
 
-/// Byte copies between the host and a backend's memory.
-template <class Backend>
-struct RawCopy;
-
-template <>
-struct RawCopy<rankwise::CpuBackend> {
-  template <class Ctx>
-  static void to_backend(Ctx&, void* dst, const void* src, std::size_t bytes) {
-    if (bytes > 0) std::memcpy(dst, src, bytes);
-  }
-  template <class Ctx>
-  static void to_host(Ctx&, void* dst, const void* src, std::size_t bytes) {
-    if (bytes > 0) std::memcpy(dst, src, bytes);
-  }
-};
-
 /// An owning rows x cols matrix of a trivially copyable U in H's memory space.
 template <class H, class U>
 struct RawMatrix {
@@ -42,7 +25,8 @@ struct RawMatrix {
   std::int64_t rows = 0, cols = 0;
   rankwise::Buffer<Backend, U> buf;
 
-  RawMatrix(std::int64_t rows_, std::int64_t cols_) : rows(rows_), cols(cols_), buf(rows_ * cols_) {}
+  RawMatrix(std::int64_t rows_, std::int64_t cols_)
+      : rows(rows_), cols(cols_), buf(rows_ * cols_) {}
   rankwise::MatrixView<U> view() {
     return rankwise::MatrixView<U>(buf.data(), rows, cols, Backend::kMemorySpace);
   }
@@ -55,8 +39,8 @@ template <class H, class U>
 RawMatrix<H, U> upload_raw(typename H::Ctx& ctx, const std::vector<U>& host, std::int64_t rows,
                            std::int64_t cols) {
   RawMatrix<H, U> m(rows, cols);
-  RawCopy<typename H::Backend>::to_backend(ctx, m.buf.data(), host.data(),
-                                           sizeof(U) * static_cast<std::size_t>(rows * cols));
+  rankwise::Memory<typename H::Backend>::upload(ctx, m.buf.data(), host.data(),
+                                                sizeof(U) * static_cast<std::size_t>(rows * cols));
   return m;
 }
 
@@ -64,7 +48,8 @@ RawMatrix<H, U> upload_raw(typename H::Ctx& ctx, const std::vector<U>& host, std
 template <class H, class U>
 std::vector<U> download_raw(typename H::Ctx& ctx, rankwise::MatrixView<const U> v) {
   std::vector<U> host(static_cast<std::size_t>(v.rows * v.cols));
-  RawCopy<typename H::Backend>::to_host(ctx, host.data(), v.data, sizeof(U) * host.size());
+  rankwise::Memory<typename H::Backend>::download(ctx, host.data(), v.data,
+                                                  sizeof(U) * host.size());
   return host;
 }
 

@@ -21,6 +21,9 @@ struct dependent_false {
 ///   rankwise/backend/eigen/kernels.hpp   CpuBackend,  T = float, double
 ///   rankwise/backend/cuda/kernels.cuh    CudaBackend, T = float, __half, __nv_bfloat16
 ///
+/// Untyped byte moves are the Memory<Backend> part (backend/memory_decl.hpp);
+/// crossovers between paths are tuning policy (backend/tuning.hpp).
+///
 /// Every specialisation provides, with Acc = accumulator_t<T> and all views in
 /// the backend's memory space (checked by the caller, not here):
 ///
@@ -92,12 +95,10 @@ struct dependent_false {
 ///       for every position p of the SegmentTable (core/segment_table.hpp):
 ///       y[token[p]] += scale[p] Σ_j bt[u_j] (a[u_j] · x[token[p]]), u_j its units,
 ///       h (table.h_size Acc) scratch; one shrink and one expand launch (CUDA).
-///   prefer_segmented(tokens)                 whether an adapter with this many tokens in
-///                                            the batch goes through segment_lora_forward
 ///       Backends without it (kSegmentedLora = false) serve each adapter's
-///       tokens with gemm.
-///   prefer_dense(n, k, r)                    this backend's measured crossover
-///   prefer_assembled_shards(n)               MoS: assemble A, B rather than read shards
+///       tokens with gemm. Which adapters take it, and every other choice
+///       between equivalent paths, is tuning policy (backend/tuning.hpp),
+///       not part of this contract.
 ///
 /// Optimiser primitives (m, v, norm_sq in Acc):
 ///   sum_squares(ctx, m, out)                 out (1 x 1) += Σ m², in a fixed order

@@ -10,7 +10,10 @@
 #include "rankwise/core/lora_config.hpp"
 #include "rankwise/core/parameter.hpp"
 #include "rankwise/core/random.hpp"
+#include "rankwise/core/tensor_map.hpp"
 #include "rankwise/detail/owned_workspace.hpp"
+#include "rankwise/detail/peft_state.hpp"
+#include "rankwise/layers/layer.hpp"
 #include "rankwise/layers/lora_ops.hpp"
 
 namespace rankwise {
@@ -22,11 +25,14 @@ namespace rankwise {
 /// every view passed in must live in that backend's memory space. At the API
 /// boundary A is (r x d_in) and B is (d_out x r), PEFT's convention; inside, B
 /// is stored transposed (see lora_ops.hpp). Not thread-safe: one layer, one
-/// stream of calls.
+/// stream of calls. Follows the layer concept (layers/layer.hpp).
 template <class T, class Backend>
 class Lora {
  public:
+  using value_type = T;
+  using backend_type = Backend;
   using Kernels = rankwise::Kernels<Backend, T>;
+  static constexpr bool kOwnsParameters = true;
 
   /// Allocates A and B (zero) and their gradients. Throws on an invalid
   /// config, on sizes that overflow int64 (naming them) and, with
@@ -76,8 +82,9 @@ class Lora {
     Kernels::copy(*ctx_, bt(), Op::kTrans, b_out);
   }
 
-  /// y += s * B A x for the n rows of x (n x d_in); y is (n x d_out).
-  void forward(MatrixView<const T> x, MatrixView<T> y) {
+  /// y += s * B A x for the n rows of x (n x d_in); y is (n x d_out). Both
+  /// modes compute the same: backward needs only x.
+  void forward(MatrixView<const T> x, MatrixView<T> y, Mode = Mode::kInference) {
     // Shapes first, so a bad x or y throws before the workspace grows for it.
     check_view(x, "x (n x d_in)", x.rows, config_.d_in, Backend::kMemorySpace);
     check_view(y, "y (n x d_out)", x.rows, config_.d_out, Backend::kMemorySpace);
@@ -139,6 +146,19 @@ class Lora {
   std::int64_t num_parameters() const {
     return checked_mul(config_.rank, checked_add(config_.d_in, config_.d_out, "Lora parameters"),
                        "Lora parameters");
+  }
+
+  /// State in PEFT layout: "lora_A" (r x d_in), "lora_B" (d_out x r).
+  TensorMap state() const {
+    TensorMap out;
+    detail::save_lora_factors<Backend, T>(*ctx_, a(), bt(), out);
+    return out;
+  }
+
+  /// Loads what state() saved; throws naming a missing key or a wrong shape.
+  void load_state(const TensorMap& map) {
+    detail::LoraFactorState(map, config_.rank, config_.d_in, config_.d_out)
+        .load<Backend, T>(*ctx_, a(), bt());
   }
 
  private:

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "rankwise/backend/kernels_decl.hpp"
+#include "rankwise/backend/tuning.hpp"
 #include "rankwise/core/checked_size.hpp"
 #include "rankwise/core/error.hpp"
 #include "rankwise/core/matrix_view.hpp"
@@ -24,7 +25,7 @@ namespace rankwise {
 
 /// How a MoS layer reaches its shards.
 enum class ShardPath {
-  kAuto,       ///< the backend's crossover (Kernels::prefer_assembled_shards)
+  kAuto,       ///< the backend's crossover (TuningPolicy<Backend>::prefer_assembled_shards)
   kDirect,     ///< read shards through the index lists; nothing is materialised
   kAssembled,  ///< assemble A and B by gathering shards, then two GEMMs
 };
@@ -33,8 +34,8 @@ enum class ShardPath {
 template <class Backend, class T>
 ShardPath resolve_shard_path(ShardPath path, std::int64_t n) {
   if (path != ShardPath::kAuto) return path;
-  return Kernels<Backend, T>::prefer_assembled_shards(n) ? ShardPath::kAssembled
-                                                         : ShardPath::kDirect;
+  return TuningPolicy<Backend>::prefer_assembled_shards(n) ? ShardPath::kAssembled
+                                                           : ShardPath::kDirect;
 }
 
 /// One layer's index tables in the backend's memory space (int32, contiguous).

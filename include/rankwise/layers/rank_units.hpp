@@ -11,6 +11,7 @@
 #include <cstdint>
 
 #include "rankwise/backend/kernels_decl.hpp"
+#include "rankwise/backend/tuning.hpp"
 #include "rankwise/core/checked_size.hpp"
 #include "rankwise/core/matrix_view.hpp"
 #include "rankwise/core/unit_index.hpp"
@@ -20,7 +21,7 @@ namespace rankwise {
 
 /// Which implementation of the rank-unit products to run.
 enum class RankUnitPath {
-  kAuto,    ///< the backend's measured crossover (Kernels::prefer_dense)
+  kAuto,    ///< the backend's crossover (TuningPolicy<Backend>::prefer_dense)
   kSparse,  ///< gather the k selected units per token
   kDense,   ///< all r units by GEMM, unselected ones masked by a zero gate
 };
@@ -38,7 +39,8 @@ namespace detail {
 template <class Backend, class T>
 RankUnitPath resolve_path(RankUnitPath path, std::int64_t n, std::int64_t k, std::int64_t r) {
   if (path != RankUnitPath::kAuto) return path;
-  return Kernels<Backend, T>::prefer_dense(n, k, r) ? RankUnitPath::kDense : RankUnitPath::kSparse;
+  return TuningPolicy<Backend>::prefer_dense(n, k, r) ? RankUnitPath::kDense
+                                                      : RankUnitPath::kSparse;
 }
 
 // A routing view may broadcast one row to every token (ld = 0), as layers

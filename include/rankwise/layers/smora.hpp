@@ -11,12 +11,15 @@
 #include <vector>
 
 #include "rankwise/backend/kernels_decl.hpp"
+#include "rankwise/backend/memory_decl.hpp"
 #include "rankwise/core/checked_size.hpp"
 #include "rankwise/core/parameter.hpp"
 #include "rankwise/core/random.hpp"
 #include "rankwise/core/router_config.hpp"
 #include "rankwise/core/tensor_map.hpp"
 #include "rankwise/detail/owned_workspace.hpp"
+#include "rankwise/detail/peft_state.hpp"
+#include "rankwise/layers/layer.hpp"
 #include "rankwise/layers/rank_units.hpp"
 #include "rankwise/layers/router.hpp"
 
@@ -55,15 +58,12 @@ struct SmoraConfig {
     RANKWISE_CHECK(std::isfinite(alpha), "SmoraConfig.alpha must be finite, got ", alpha);
     RANKWISE_CHECK(std::isfinite(aux_loss_coef) && aux_loss_coef >= 0.0,
                    "SmoraConfig.aux_loss_coef must be finite and >= 0, got ", aux_loss_coef);
-    RANKWISE_CHECK(aux_loss_coef == 0.0 || !router.bias_per_rank, "SmoraConfig.aux_loss_coef = ",
-                   aux_loss_coef,
+    RANKWISE_CHECK(aux_loss_coef == 0.0 || !router.bias_per_rank,
+                   "SmoraConfig.aux_loss_coef = ", aux_loss_coef,
                    ": the Switch auxiliary loss is defined over experts and cannot be combined "
                    "with router.bias_per_rank");
   }
 };
-
-/// Whether forward keeps what backward needs and updates the balance bias.
-enum class Mode { kInference, kTraining };
 
 /// y += (alpha / k) · Σ_{i ∈ top-k ranks} gate_i · b_i (a_i · x).
 ///
@@ -71,12 +71,15 @@ enum class Mode { kInference, kTraining };
 /// (E x d_in), balance bias b (C = E, or r with router.bias_per_rank; trained
 /// only with train_bias). T and Backend as for Lora.
 /// backward() uses the routing of the last training forward, so call them in
-/// pairs on the same x.
+/// pairs on the same x. Follows the layer concept (layers/layer.hpp).
 template <class T, class Backend>
 class Smora {
  public:
+  using value_type = T;
+  using backend_type = Backend;
   using Kernels = rankwise::Kernels<Backend, T>;
   using Acc = accumulator_t<T>;
+  static constexpr bool kOwnsParameters = true;
 
   Smora(Context<Backend>& ctx, const SmoraConfig& config)
       : ctx_(&ctx),
@@ -98,9 +101,9 @@ class Smora {
     Kernels::fill(ctx, bt(), 0.0);
     Kernels::fill(ctx, wr(), 0.0);
     rankwise::Kernels<Backend, Acc>::fill(ctx, bias(), 0.0);
-    // Counting no tokens zeroes the counts, so update_bias() before any forward is a no-op.
-    Kernels::count_experts(ctx, detail::prefix(experts_, 0, config_.router.choices_per_token()), {},
-                           counts_.view(1, choices()));
+    // Zero counts, so update_bias() before any forward is a no-op.
+    Memory<Backend>::fill(ctx, counts_.data(), 0,
+                          sizeof(std::int32_t) * static_cast<std::size_t>(choices()));
     zero_grad();
   }
 
@@ -230,38 +233,20 @@ class Smora {
   /// "router" (E x d_in), "bias" (C: E, or r with a per-rank bias).
   TensorMap state() {
     TensorMap out;
-    out["lora_A"] = download(a(), {rank(), config_.d_in});
-    HostTensor bt_host = download(bt(), {rank(), config_.d_out});
-    HostTensor b{{config_.d_out, rank()}, std::vector<double>(bt_host.values.size())};
-    for (std::int64_t i = 0; i < rank(); ++i) {
-      for (std::int64_t o = 0; o < config_.d_out; ++o) {
-        b.values[o * rank() + i] = bt_host.values[i * config_.d_out + o];
-      }
-    }
-    out["lora_B"] = std::move(b);
-    out["router"] = download(wr(), {experts(), config_.d_in});
-    HostTensor bias_host{{choices()}, std::vector<double>(choices())};
-    rankwise::Kernels<Backend, Acc>::download_doubles(*ctx_, bias(), bias_host.values.data());
-    out["bias"] = std::move(bias_host);
+    detail::save_lora_factors<Backend, T>(*ctx_, a(), bt(), out);
+    out["router"] = detail::download_state<Backend, T>(*ctx_, wr(), {experts(), config_.d_in});
+    out["bias"] = detail::download_state<Backend, Acc>(*ctx_, bias(), {choices()});
     return out;
   }
 
   /// Loads what state() saved; throws naming a missing key or a wrong shape.
   void load_state(const TensorMap& map) {
-    const HostTensor& a_in = require_tensor(map, "lora_A", {rank(), config_.d_in});
-    const HostTensor& b_in = require_tensor(map, "lora_B", {config_.d_out, rank()});
+    const detail::LoraFactorState factors(map, rank(), config_.d_in, config_.d_out);
     const HostTensor& wr_in = require_tensor(map, "router", {experts(), config_.d_in});
     const HostTensor& bias_in = require_tensor(map, "bias", {choices()});
-    std::vector<double> bt_values(b_in.values.size());
-    for (std::int64_t o = 0; o < config_.d_out; ++o) {
-      for (std::int64_t i = 0; i < rank(); ++i) {
-        bt_values[i * config_.d_out + o] = b_in.values[o * rank() + i];
-      }
-    }
-    Kernels::upload_doubles(*ctx_, a_in.values.data(), a());
-    Kernels::upload_doubles(*ctx_, bt_values.data(), bt());
-    Kernels::upload_doubles(*ctx_, wr_in.values.data(), wr());
-    rankwise::Kernels<Backend, Acc>::upload_doubles(*ctx_, bias_in.values.data(), bias());
+    factors.load<Backend, T>(*ctx_, a(), bt());
+    detail::upload_state<Backend, T>(*ctx_, wr_in, wr());
+    detail::upload_state<Backend, Acc>(*ctx_, bias_in, bias());
   }
 
  private:
@@ -291,12 +276,6 @@ class Smora {
     router_forward<Backend, T>(*ctx_, config_.router, x, wr(), bias(), mask, routing_views(n),
                                config_.check_finite, workspace_.data(), workspace_.bytes());
     routed_tokens_ = n;
-  }
-
-  HostTensor download(MatrixView<T> v, std::vector<std::int64_t> shape) {
-    HostTensor t{std::move(shape), std::vector<double>(v.rows * v.cols)};
-    Kernels::download_doubles(*ctx_, v, t.values.data());
-    return t;
   }
 
   Context<Backend>* ctx_;

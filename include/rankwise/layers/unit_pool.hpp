@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "rankwise/backend/kernels_decl.hpp"
+#include "rankwise/backend/tuning.hpp"
 #include "rankwise/core/checked_size.hpp"
 #include "rankwise/core/parameter.hpp"
 #include "rankwise/core/segment_table.hpp"
@@ -692,7 +693,7 @@ class UnitPool {
     std::int64_t positions = 0, list_units = 0, max_rank = 0;
     for (typename Plan::Segment& seg : out.segments_) {
       const Slot& s = slots_[static_cast<std::size_t>(slot_index(seg.id))];
-      seg.segmented = !s.routed && Kernels::prefer_segmented(seg.count);
+      seg.segmented = !s.routed && TuningPolicy<Backend>::prefer_segmented(seg.count);
       if (!seg.segmented) continue;
       positions += seg.count;
       list_units += s.rank;

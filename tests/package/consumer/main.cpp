@@ -2,6 +2,12 @@
 // hand-written loop. Exits nonzero on a wrong result.
 #include <rankwise/rankwise.hpp>
 
+// rankwise::rankwise brings Eigen and Threads only: its umbrella header must not
+// need nlohmann_json (rankwise::io's dependency).
+#if defined(INCLUDE_NLOHMANN_JSON_HPP_) || defined(NLOHMANN_JSON_VERSION_MAJOR)
+#error "<rankwise/rankwise.hpp> includes nlohmann/json"
+#endif
+
 #if defined(CONSUMER_EXPECT_CBLAS) && !defined(RANKWISE_USE_CBLAS)
 #error "rankwise::openblas did not bring RANKWISE_USE_CBLAS"
 #endif

@@ -19,6 +19,7 @@
 #include "rankwise/backend/cuda/buffer.hpp"
 #include "rankwise/backend/cuda/check.hpp"
 #include "rankwise/backend/cuda/context.hpp"
+#include "rankwise/backend/cuda/memory.hpp"
 #include "rankwise/backend/kernels_decl.hpp"
 #include "rankwise/core/random.hpp"
 #include "rankwise/core/tiling.hpp"
@@ -493,26 +494,10 @@ struct Kernels<CudaBackend, T> {
     }
   }
 
-  /// Crossover of the rank-unit paths on the GPU: the gathers are bound by
-  /// the bytes of the k selected rows, cuBLAS by all r; dense pays off once
-  /// many tokens share the weights. Not yet measured on a GPU (no device in
-  /// the sessions so far): a conservative guess, overridable per layer.
-  static bool prefer_dense(std::int64_t n, std::int64_t k, std::int64_t r) {
-    return n >= 256 && k * 8 >= r;
-  }
-
-  /// MoS: assemble A and B (then cuBLAS) once tokens are many; a guess as
-  /// above, not yet measured on a GPU.
-  static bool prefer_assembled_shards(std::int64_t n) { return n >= 64; }
-
   // A multi-adapter batch in two launches (BGMV-style): per-adapter GEMMs
-  // would cost launches in proportion to the adapters in the batch.
+  // would cost launches in proportion to the adapters in the batch. Which
+  // adapters take them: TuningPolicy<CudaBackend>::prefer_segmented.
   static constexpr bool kSegmentedLora = true;
-  // An adapter with this many tokens or fewer in a batch goes through the
-  // segment kernels (each token reads its units, from L2 after the first);
-  // more, and one GEMM per adapter that reads them once pays for its launches.
-  // Not measured yet (no GPU in the sessions that wrote it).
-  static bool prefer_segmented(std::int64_t tokens) { return tokens <= 32; }
 
   static void segment_lora_forward(Ctx& ctx, const SegmentTable& table, MatrixView<const T> x,
                                    MatrixView<const T> a, MatrixView<const T> bt, MatrixView<T> y,

@@ -9,6 +9,7 @@
 
 #include "rankwise/backend/eigen/buffer.hpp"
 #include "rankwise/backend/eigen/context.hpp"
+#include "rankwise/backend/eigen/memory.hpp"
 #include "rankwise/backend/eigen/small_batch.hpp"
 #if defined(RANKWISE_USE_CBLAS)
 #include "rankwise/backend/eigen/cblas_gemm.hpp"
@@ -220,27 +221,9 @@ struct Kernels<CpuBackend, T> {
     }
   }
 
-  /// Rank-unit path: the dense path (two GEMMs over all r units, gates as a
-  /// mask) does r / k times the arithmetic of the gathers at about 2.4x their
-  /// rate, so it wins when every unit is used (k >= r), at any token count.
-  /// Fitted with bench_smora --crossover over k/r in {4..64}/64, 8/16, 16/16
-  /// and N in 1..2048 (bench/results/cpu-2026-11-26-smora-crossover.md): on
-  /// the default build 1.001x the best path on average, 1.17x at worst.
-  static bool prefer_dense(std::int64_t n, std::int64_t k, std::int64_t r) {
-    return n >= kDenseMinTokens && k * kDenseRatio >= r;
-  }
-  static constexpr std::int64_t kDenseMinTokens = 1;
-  static constexpr std::int64_t kDenseRatio = 1;
-
-  /// MoS: the direct path's gathers run as GEMMs over the shared shard rows
-  /// (broadcast units), so reading shards in place is never slower than
-  /// assembling A and B first (bench_mos, bench/results/cpu-2026-11-26-mos.md).
-  // Each adapter's tokens go through gemm (small-batch kernels or Eigen's),
-  // which reads its units once for all of its tokens.
+  // A multi-adapter batch: each adapter's tokens go through gemm (small-batch
+  // kernels or Eigen's), which reads its units once for all of its tokens.
   static constexpr bool kSegmentedLora = false;
-  static bool prefer_segmented(std::int64_t /*tokens*/) { return false; }
-
-  static bool prefer_assembled_shards(std::int64_t /*n*/) { return false; }
 
   static void count_experts(Ctx&, MatrixView<const std::int32_t> experts,
                             MatrixView<const std::uint8_t> mask, MatrixView<std::int32_t> counts) {
