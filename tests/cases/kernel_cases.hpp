@@ -60,10 +60,11 @@ void gemm_matches_reference() {
           for (const bool strided : {false, true}) {
             ++seed;
             const double alpha = ab.first, beta = ab.second;
-            INFO("backend " << H::kName << ", type " << H::template type_name<T>() << ", shape "
-                            << sh << ", op_a " << op_name(op_a) << ", op_b " << op_name(op_b)
-                            << ", alpha " << alpha << ", beta " << beta << ", strided " << strided
-                            << ", seed " << seed);
+            RWTEST_CONTEXT(H, T,
+                           "shape " << sh << ", op_a " << op_name(op_a) << ", op_b "
+                                    << op_name(op_b) << ", alpha " << alpha << ", beta " << beta
+                                    << ", strided " << strided,
+                           seed);
             // op(a) is (m x k), op(b) is (k x n); each is stored as op says.
             const HostMatrix a =
                 quantize<H, T>(op_a == Op::kNoTrans ? random_matrix(sh.m, sh.k, seed * 4)
@@ -159,9 +160,10 @@ void copy_matches_reference() {
     for (const Op op : {Op::kNoTrans, Op::kTrans}) {
       for (const bool strided : {false, true}) {
         ++seed;
-        INFO("backend " << H::kName << ", type " << H::template type_name<T>() << ", dst "
-                        << shape.first << " x " << shape.second << ", op " << op_name(op)
-                        << ", strided " << strided << ", seed " << seed);
+        RWTEST_CONTEXT(H, T,
+                       "dst " << shape.first << " x " << shape.second << ", op " << op_name(op)
+                              << ", strided " << strided,
+                       seed);
         const HostMatrix want = quantize<H, T>(random_matrix(shape.first, shape.second, seed));
         const HostMatrix src = op == Op::kNoTrans ? want : transpose(want);
         const auto dsrc = to_device<H, T>(ctx, src, src.cols + (strided ? 5 : 0), pad);
@@ -187,8 +189,7 @@ void fills() {
     for (const bool strided : {false, true}) {
       const std::int64_t rows = shape.first, cols = shape.second;
       const std::uint64_t seed = 0xC0FFEEull + static_cast<std::uint64_t>(rows);
-      INFO("backend " << H::kName << ", type " << H::template type_name<T>() << ", shape " << rows
-                      << " x " << cols << ", strided " << strided << ", seed " << seed);
+      RWTEST_CONTEXT(H, T, "shape " << rows << " x " << cols << ", strided " << strided, seed);
       auto m = to_device<H, T>(ctx, HostMatrix(rows, cols), cols + (strided ? 3 : 0), pad);
       K::fill(ctx, m.view(), -1.25);
       CHECK(compare(to_host<H, T>(ctx, m), HostMatrix(rows, cols, -1.25), "m").max_abs_err == 0.0);

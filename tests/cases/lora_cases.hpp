@@ -176,10 +176,6 @@ inline HostMatrix base_shape(rankwise::WeightLayout layout, std::int64_t d_in, s
                                                   : random_matrix(d_in, d_out, seed, -bound, bound);
 }
 
-#define RWTEST_CASE_INFO(H, T, shape, seed)                                                     \
-  INFO("backend " << H::kName << ", type " << H::template type_name<T>() << ", shape " << shape \
-                  << ", seed " << seed)
-
 // ---------------------------------------------------------------------------
 
 /// y += s B A x matches the reference for every awkward shape.
@@ -189,7 +185,7 @@ void forward_matches_reference() {
   std::uint64_t seed = 100;
   for (const LoraShape& sh : awkward_shapes()) {
     ++seed;
-    RWTEST_CASE_INFO(H, T, sh, seed);
+    RWTEST_CONTEXT(H, T, "shape " << sh, seed);
     const LoraConfig cfg = config_for(sh);
     LoraOf<H, T> layer(ctx, cfg);
     const LoraProblem p = make_problem<H, T>(sh, seed);
@@ -212,7 +208,7 @@ void forward_with_base_weight() {
   std::uint64_t seed = 200;
   for (const auto layout : {rankwise::WeightLayout::kOutIn, rankwise::WeightLayout::kInOut}) {
     ++seed;
-    RWTEST_CASE_INFO(H, T, sh, seed);
+    RWTEST_CONTEXT(H, T, "shape " << sh, seed);
     INFO("layout " << layout_name(layout));
     const LoraConfig cfg = config_for(sh);
     LoraOf<H, T> layer(ctx, cfg);
@@ -245,7 +241,7 @@ void backward_matches_reference() {
   std::uint64_t seed = 300;
   for (const LoraShape& sh : awkward_shapes()) {
     ++seed;
-    RWTEST_CASE_INFO(H, T, sh, seed);
+    RWTEST_CONTEXT(H, T, "shape " << sh, seed);
     const LoraConfig cfg = config_for(sh);
     const double s = cfg.scale();
     LoraOf<H, T> layer(ctx, cfg);
@@ -297,7 +293,7 @@ void merge_round_trip() {
   std::uint64_t seed = 400;
   for (const auto layout : {rankwise::WeightLayout::kOutIn, rankwise::WeightLayout::kInOut}) {
     ++seed;
-    RWTEST_CASE_INFO(H, T, sh, seed);
+    RWTEST_CONTEXT(H, T, "shape " << sh, seed);
     INFO("layout " << layout_name(layout));
     const LoraConfig cfg = config_for(sh);
     const double s = cfg.scale();
@@ -346,7 +342,7 @@ void init_peft_contract() {
   typename H::Ctx ctx;
   const LoraShape sh{1, 37, 23, 5};
   const std::uint64_t seed = 1234;
-  RWTEST_CASE_INFO(H, T, sh, seed);
+  RWTEST_CONTEXT(H, T, "shape " << sh, seed);
   const LoraConfig cfg = config_for(sh);
   LoraOf<H, T> layer(ctx, cfg);
   const LoraProblem p = make_problem<H, T>(sh, 7);
@@ -400,7 +396,7 @@ void rslora_scale() {
   typename H::Ctx ctx;
   const LoraShape sh{6, 14, 10, 9};
   const std::uint64_t seed = 500;
-  RWTEST_CASE_INFO(H, T, sh, seed);
+  RWTEST_CONTEXT(H, T, "shape " << sh, seed);
   LoraOf<H, T> rs(ctx, config_for(sh, 6.0, ScaleRule::kAlphaOverSqrtRank));
   LoraOf<H, T> peft(ctx, config_for(sh, 6.0, ScaleRule::kAlphaOverRank));
   CHECK(rs.scale() == 2.0);          // 6 / sqrt(9)
@@ -431,7 +427,7 @@ void zero_tokens() {
   typename H::Ctx ctx;
   const LoraShape sh{5, 11, 7, 3};
   const std::uint64_t seed = 600;
-  RWTEST_CASE_INFO(H, T, sh, seed);
+  RWTEST_CONTEXT(H, T, "shape " << sh, seed);
   LoraOf<H, T> layer(ctx, config_for(sh));
   const LoraProblem p = make_problem<H, T>(sh, seed);
   load<H, T>(ctx, layer, p.a, p.b);
@@ -469,7 +465,7 @@ void deterministic() {
   typename H::Ctx ctx;
   const LoraShape sh{65, 70, 45, 6};
   const std::uint64_t seed = 700;
-  RWTEST_CASE_INFO(H, T, sh, seed);
+  RWTEST_CONTEXT(H, T, "shape " << sh, seed);
   const LoraProblem p = make_problem<H, T>(sh, seed);
   const auto x = to_device<H, T>(ctx, p.x);
   const auto dy = to_device<H, T>(ctx, p.dy);
@@ -507,7 +503,7 @@ void rejects_bad_input() {
   typename H::Ctx ctx;
   const LoraShape sh{5, 16, 12, 4};
   const std::uint64_t seed = 800;
-  RWTEST_CASE_INFO(H, T, sh, seed);
+  RWTEST_CONTEXT(H, T, "shape " << sh, seed);
   using rankwise::WeightLayout;
   constexpr auto kArg = ErrorCode::kInvalidArgument;
   const LoraConfig cfg = config_for(sh);
@@ -617,7 +613,7 @@ void low_level_api() {
   typename H::Ctx ctx;
   const LoraShape sh{7, 20, 9, 3};
   const std::uint64_t seed = 900;
-  RWTEST_CASE_INFO(H, T, sh, seed);
+  RWTEST_CONTEXT(H, T, "shape " << sh, seed);
   const double s = 1.75;
   constexpr auto kArg = ErrorCode::kInvalidArgument;
 
@@ -717,7 +713,7 @@ void strided_views() {
   typename H::Ctx ctx;
   const LoraShape sh{6, 13, 10, 3};
   const std::uint64_t seed = 1000;
-  RWTEST_CASE_INFO(H, T, sh, seed);
+  RWTEST_CONTEXT(H, T, "shape " << sh, seed);
   const double pad = 777.0;  // sentinel in the padding
   const LoraConfig cfg = config_for(sh);
   const double s = cfg.scale();
@@ -773,7 +769,7 @@ void single_row_views_ignore_ld() {
   typename H::Ctx ctx;
   const LoraShape sh{1, 10, 7, 1};
   const std::uint64_t seed = 1200;
-  RWTEST_CASE_INFO(H, T, sh, seed);
+  RWTEST_CONTEXT(H, T, "shape " << sh, seed);
   const LoraConfig cfg = config_for(sh);
   const double s = cfg.scale();
   const Bound tol = tolerance<T>(2, chain(sh));
@@ -821,7 +817,7 @@ void parameters_and_accessors() {
   typename H::Ctx ctx;
   const LoraShape sh{4, 19, 11, 5};
   const std::uint64_t seed = 1100;
-  RWTEST_CASE_INFO(H, T, sh, seed);
+  RWTEST_CONTEXT(H, T, "shape " << sh, seed);
   LoraOf<H, T> layer(ctx, config_for(sh));
   CHECK(layer.num_parameters() == sh.r * (sh.d_in + sh.d_out));
   CHECK(compare(to_host<H, T>(ctx, MatrixView<const T>(layer.a())), HostMatrix(sh.r, sh.d_in), "A")

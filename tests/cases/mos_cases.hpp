@@ -223,10 +223,6 @@ void check_backward(typename H::Ctx& ctx, PoolOf<H, T>& pool, const DeviceMatrix
   RWTEST_CHECK_CLOSE(to_host<H, T>(ctx, dx), e_dx.ref, e_dx.mag, tol);
 }
 
-#define RWTEST_MOS_INFO(H, T, what, seed)                                                  \
-  INFO("backend " << H::kName << ", type " << ::rwtest::MosTolerance<T>::kName << ", " \
-                  << what << ", seed " << seed)
-
 #define RWTEST_MOS_LISTS_INFO(indices) \
   INFO("I_a " << list_str((indices).a) << ", I_b " << list_str((indices).b))
 
@@ -243,7 +239,7 @@ void forward_matches_reference() {
     const PoolData d = make_pool_data<H, T>(c.shape, seed);
     const Batch b = make_batch<H, T>(c.shape, c.n, seed);
     for (const ShardPath path : kAllPaths) {
-      RWTEST_MOS_INFO(H, T, c, seed);
+      RWTEST_CONTEXT(H, T, c, seed);
       INFO("path " << path_name(path));
       PoolOf<H, T> pool(ctx, c.shape.pool_config());
       load_pool<H, T>(ctx, pool, d);
@@ -275,7 +271,7 @@ void backward_matches_reference() {
     const PoolData d = make_pool_data<H, T>(c.shape, seed);
     const Batch b = make_batch<H, T>(c.shape, c.n, seed);
     for (const ShardPath path : kAllPaths) {
-      RWTEST_MOS_INFO(H, T, c, seed);
+      RWTEST_CONTEXT(H, T, c, seed);
       INFO("path " << path_name(path));
       PoolOf<H, T> pool(ctx, c.shape.pool_config());
       load_pool<H, T>(ctx, pool, d);
@@ -321,7 +317,7 @@ void strided_views() {
   std::uint64_t seed = 2500;
   for (const ShardPath path : kAllPaths) {
     ++seed;
-    RWTEST_MOS_INFO(H, T, c, seed);
+    RWTEST_CONTEXT(H, T, c, seed);
     INFO("path " << path_name(path));
     const MosShape& sh = c.shape;
     const PoolData d = make_pool_data<H, T>(sh, seed);
@@ -354,7 +350,7 @@ void zero_and_one_token() {
   std::uint64_t seed = 3000;
   for (const ShardPath path : kAllPaths) {
     ++seed;
-    RWTEST_MOS_INFO(H, T, sh, seed);
+    RWTEST_CONTEXT(H, T, sh, seed);
     INFO("path " << path_name(path));
     const PoolData d = make_pool_data<H, T>(sh, seed);
     PoolOf<H, T> pool(ctx, sh.pool_config());
@@ -398,7 +394,7 @@ void auto_path_follows_crossover() {
   typename H::Ctx ctx;
   const MosShape sh{12, 8, 2, 2, 1, 2, 2};
   const std::uint64_t seed = 3500;
-  RWTEST_MOS_INFO(H, T, sh, seed);
+  RWTEST_CONTEXT(H, T, sh, seed);
   const PoolData d = make_pool_data<H, T>(sh, seed);
   PoolOf<H, T> pool(ctx, sh.pool_config());
   load_pool<H, T>(ctx, pool, d);
@@ -447,7 +443,7 @@ void equals_lora_when_all_private() {
   for (const std::int64_t n : {7, 70}) {
     for (std::int64_t i = 0; i < sh.num_layers; ++i) {
       ++seed;
-      RWTEST_MOS_INFO(H, T, sh, seed);
+      RWTEST_CONTEXT(H, T, sh, seed);
       INFO("layer " << i << ", n " << n);
       const PoolData d = make_pool_data<H, T>(sh, seed);
       const Batch b = make_batch<H, T>(sh, n, seed);
@@ -619,7 +615,7 @@ void shared_shards_sum_gradients() {
   std::uint64_t seed = 5000;
   for (const Variant& v : variants) {
     ++seed;
-    RWTEST_MOS_INFO(H, T, sh, seed);
+    RWTEST_CONTEXT(H, T, sh, seed);
     INFO("variant \"" << v.what << "\"");
     const MosConfig cfg = config_for(sh, seed, v.subset, v.pair);
     const PoolData d = make_pool_data<H, T>(sh, seed);
@@ -694,7 +690,7 @@ void given_lists_used_as_given() {
   std::uint64_t seed = 6000;
   for (const ShardPath path : kAllPaths) {
     ++seed;
-    RWTEST_MOS_INFO(H, T, sh, seed);
+    RWTEST_CONTEXT(H, T, sh, seed);
     INFO("path " << path_name(path));
     RWTEST_MOS_LISTS_INFO(given);
     const PoolData d = make_pool_data<H, T>(sh, seed);
@@ -728,7 +724,7 @@ void get_a_get_b_assemble() {
   std::uint64_t seed = 7000;
   for (const MosCase& c : reference_cases()) {
     ++seed;
-    RWTEST_MOS_INFO(H, T, c, seed);
+    RWTEST_CONTEXT(H, T, c, seed);
     const MosShape& sh = c.shape;
     PoolOf<H, T> pool(ctx, sh.pool_config());
     const PoolData d = make_pool_data<H, T>(sh, seed);
@@ -768,7 +764,7 @@ void pool_init_and_parameters() {
   typename H::Ctx ctx;
   const MosShape sh{30, 14, 4, 3, 1, 2, 3};
   const std::uint64_t seed = 8000;
-  RWTEST_MOS_INFO(H, T, sh, seed);
+  RWTEST_CONTEXT(H, T, sh, seed);
   const std::int64_t m = sh.shards(), wi = sh.width_in(), wo = sh.width_out();
   PoolOf<H, T> pool(ctx, sh.pool_config());
   CHECK(same_values(host_of<H, T>(ctx, pool.a()), HostMatrix(m, wi)));
@@ -862,7 +858,7 @@ void rejects_bad_input() {
   typename H::Ctx ctx;
   const MosShape sh{16, 8, 3, 3, 1, 2, 3};  // M = 18, P0 = 12
   const std::uint64_t seed = 9000;
-  RWTEST_MOS_INFO(H, T, sh, seed);
+  RWTEST_CONTEXT(H, T, sh, seed);
   const auto inv = ErrorCode::kInvalidArgument;
   const auto pc = sh.pool_config();
 
@@ -1010,7 +1006,7 @@ void stateless_ops_match_layer() {
   for (const MosCase& c : reference_cases()) {
     for (const ShardPath path : {ShardPath::kDirect, ShardPath::kAssembled}) {
       ++seed;
-      RWTEST_MOS_INFO(H, T, c, seed);
+      RWTEST_CONTEXT(H, T, c, seed);
       INFO("path " << path_name(path));
       const MosShape& sh = c.shape;
       const rankwise::ShardPoolConfig pc = sh.pool_config();

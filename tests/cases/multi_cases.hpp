@@ -280,17 +280,13 @@ rwtest::Bound multi_tolerance(std::int64_t r) {
   return tolerance<T>(4, kDin + kDout + r);
 }
 
-#define RWTEST_MULTI_INFO(H, T, n, seed)                                                \
-  INFO("backend " << H::kName << ", type " << H::template type_name<T>() << ", n " << n \
-                  << ", seed " << seed)
-
 /// A mixed batch, forward (inference, then training) and backward, against
 /// each adapter alone; tokens without an adapter keep y (and dx) bit for bit.
 template <class H, class T>
 void mixed_batch_matches_each_adapter_alone() {
   for (const std::int64_t n : {0, 1, 7, 41}) {
     const std::uint64_t seed = 1000 + static_cast<std::uint64_t>(n);
-    RWTEST_MULTI_INFO(H, T, n, seed);
+    RWTEST_CONTEXT(H, T, "n " << n, seed);
     Fixture<H, T> f;
     f.add_mix();
     const std::vector<std::int32_t> ids = random_ids(ids_of(f), n, seed);

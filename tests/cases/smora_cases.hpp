@@ -372,10 +372,6 @@ void check_layer_against_reference(const LayerRun<H, T>& got, const SmoraReferen
   if (with_dx) RWTEST_SMORA_CLOSE(got.dx, ref.dx, Tol::kBackward);
 }
 
-#define RWTEST_SMORA_INFO(H, T, shape, seed)                                                  \
-  INFO("backend " << H::kName << ", type " << H::template type_name<T>() << ", shape " << shape \
-                  << ", seed " << seed)
-
 // ---------------------------------------------------------------------------
 // Router core.
 
@@ -393,7 +389,7 @@ void router_matches_reference() {
     for (const RouterOptions& opt : all_router_options()) {
       for (const bool masked : {false, true}) {
         ++seed;
-        RWTEST_SMORA_INFO(H, T, sh, seed);
+        RWTEST_CONTEXT(H, T, "shape " << sh, seed);
         INFO("options " << opt << ", masked " << masked);
         const RouterConfig cfg = router_config(sh, opt);
         SmoraProblem p = make_problem<H, T>(sh, cfg, seed, masked);
@@ -535,7 +531,7 @@ void router_backward_matches_reference() {
       for (const double aux : {0.0, 0.375}) {
         ++seed;
         const bool masked = seed % 2 == 0;
-        RWTEST_SMORA_INFO(H, T, sh, seed);
+        RWTEST_CONTEXT(H, T, "shape " << sh, seed);
         INFO("options " << opt << ", aux " << aux << ", masked " << masked);
         const RouterConfig cfg = router_config(sh, opt);
         const SmoraProblem p = make_problem<H, T>(sh, cfg, seed, masked);
@@ -588,7 +584,7 @@ void aux_loss_gradient() {
   for (const SmoraShape& sh : shapes) {
     for (const bool masked : {false, true}) {
       ++seed;
-      RWTEST_SMORA_INFO(H, T, sh, seed);
+      RWTEST_CONTEXT(H, T, "shape " << sh, seed);
       INFO("masked " << masked);
       const RouterConfig cfg = router_config(sh);
       const double coef = 0.75;
@@ -643,7 +639,7 @@ void deterministic() {
   typename H::Ctx ctx;
   const SmoraShape sh{70, 37, 23, 16, 4, 2};
   const std::uint64_t seed = 2900;
-  RWTEST_SMORA_INFO(H, T, sh, seed);
+  RWTEST_CONTEXT(H, T, "shape " << sh, seed);
   const RouterConfig cfg = router_config(sh);
   const SmoraProblem p = make_problem<H, T>(sh, cfg, seed, true);
   const auto x = to_device<H, T>(ctx, p.x);
@@ -728,7 +724,7 @@ void layer_matches_reference() {
   for (const Case& c : cases) {
     for (const RankUnitPath path : {RankUnitPath::kSparse, RankUnitPath::kDense}) {
       ++seed;
-      RWTEST_SMORA_INFO(H, T, c.shape, seed);
+      RWTEST_CONTEXT(H, T, "shape " << c.shape, seed);
       INFO("options " << c.options << ", masked " << c.masked << ", aux " << c.aux << ", path "
                       << path_name(path));
       const SmoraConfig cfg = smora_config(c.shape, c.options, path, c.aux);
@@ -767,7 +763,7 @@ void backward_after_training_forward() {
   for (const SmoraShape& sh : {SmoraShape{13, 9, 7, 8, 3, 1}, SmoraShape{12, 10, 6, 12, 6, 3}}) {
     for (const RankUnitPath path : {RankUnitPath::kSparse, RankUnitPath::kDense}) {
       ++seed;
-      RWTEST_SMORA_INFO(H, T, sh, seed);
+      RWTEST_CONTEXT(H, T, "shape " << sh, seed);
       INFO("path " << path_name(path));
       SmoraConfig cfg = smora_config(sh, {}, path);
       cfg.router.bias_update_rate = 0.05f;
@@ -791,7 +787,7 @@ void zero_tokens() {
   typename H::Ctx ctx;
   const SmoraShape sh{6, 9, 5, 8, 4, 2};
   const std::uint64_t seed = 3900;
-  RWTEST_SMORA_INFO(H, T, sh, seed);
+  RWTEST_CONTEXT(H, T, "shape " << sh, seed);
   const SmoraConfig cfg = smora_config(sh, {}, RankUnitPath::kAuto, 0.5);
   const SmoraProblem p = make_problem<H, T>(sh, cfg.router, seed);
   SmoraOf<H, T> layer(ctx, cfg);
@@ -827,7 +823,7 @@ void identity_lora() {
   for (const SmoraShape& sh : {SmoraShape{11, 13, 9, 8, 8, 1}, SmoraShape{6, 7, 10, 6, 6, 2}}) {
     for (const RankUnitPath path : {RankUnitPath::kSparse, RankUnitPath::kDense}) {
       ++seed;
-      RWTEST_SMORA_INFO(H, T, sh, seed);
+      RWTEST_CONTEXT(H, T, "shape " << sh, seed);
       INFO("path " << path_name(path));
       const SmoraConfig cfg = smora_config(sh, {}, path);
       SmoraProblem p = make_problem<H, T>(sh, cfg.router, seed);
@@ -882,7 +878,7 @@ void identity_mixture_of_loras() {
   for (const SmoraShape& sh : {SmoraShape{15, 11, 9, 12, 6, 3}, SmoraShape{21, 13, 6, 16, 4, 2}}) {
     for (const RankUnitPath path : {RankUnitPath::kSparse, RankUnitPath::kDense}) {
       ++seed;
-      RWTEST_SMORA_INFO(H, T, sh, seed);
+      RWTEST_CONTEXT(H, T, "shape " << sh, seed);
       INFO("path " << path_name(path));
       const SmoraConfig cfg = smora_config(sh, {}, path);
       const SmoraProblem p = make_problem<H, T>(sh, cfg.router, seed);
@@ -951,7 +947,7 @@ void sparse_and_dense_agree() {
   for (const SmoraShape& sh : {SmoraShape{300, 24, 40, 16, 4, 1}, SmoraShape{5, 19, 7, 12, 6, 3},
                                SmoraShape{80, 9, 11, 64, 2, 2}}) {
     ++seed;
-    RWTEST_SMORA_INFO(H, T, sh, seed);
+    RWTEST_CONTEXT(H, T, "shape " << sh, seed);
     const RouterConfig rc = router_config(sh);
     const SmoraProblem p = make_problem<H, T>(sh, rc, seed, true);
     const SmoraReference ref = reference_for<H, T>(smora_config(sh, {}, RankUnitPath::kAuto, 0.25), p);
@@ -1122,7 +1118,7 @@ void state_round_trip() {
   typename H::Ctx ctx;
   const SmoraShape sh{9, 7, 5, 6, 4, 2};
   const std::uint64_t seed = 5000;
-  RWTEST_SMORA_INFO(H, T, sh, seed);
+  RWTEST_CONTEXT(H, T, "shape " << sh, seed);
   const SmoraConfig cfg = smora_config(sh);
   const SmoraProblem p = make_problem<H, T>(sh, cfg.router, seed);
   const std::int64_t E = cfg.router.num_experts();
@@ -1205,7 +1201,7 @@ void init_contract() {
   typename H::Ctx ctx;
   const SmoraShape sh{1, 13, 9, 8, 2, 1};
   const std::uint64_t seed = 20250707;
-  RWTEST_SMORA_INFO(H, T, sh, seed);
+  RWTEST_CONTEXT(H, T, "shape " << sh, seed);
   SmoraOf<H, T> layer(ctx, smora_config(sh));
   load<H, T>(ctx, layer, HostMatrix(sh.r, sh.d_in, 7.0), HostMatrix(sh.d_out, sh.r, 7.0),
              HostMatrix(sh.r, sh.d_in, 7.0), std::vector<double>(sh.r, 7.0));
@@ -1418,7 +1414,7 @@ void user_routing_forward() {
   typename H::Ctx ctx;
   const SmoraShape sh{7, 11, 6, 8, 3, 1};
   const std::uint64_t seed = 7300;
-  RWTEST_SMORA_INFO(H, T, sh, seed);
+  RWTEST_CONTEXT(H, T, "shape " << sh, seed);
   const SmoraConfig cfg = smora_config(sh);
   const SmoraProblem p = make_problem<H, T>(sh, cfg.router, seed);
   SmoraOf<H, T> layer(ctx, cfg);
@@ -1490,7 +1486,7 @@ void rank_units_backward_without_dgates() {
   for (const SmoraShape& sh : {SmoraShape{6, 11, 7, 8, 3, 1}, SmoraShape{70, 9, 5, 16, 4, 1}}) {
     for (const RankUnitPath path : {RankUnitPath::kSparse, RankUnitPath::kDense}) {
       ++seed;
-      RWTEST_SMORA_INFO(H, T, sh, seed);
+      RWTEST_CONTEXT(H, T, "shape " << sh, seed);
       INFO("path " << path_name(path));
       const RouterConfig cfg = router_config(sh);
       const SmoraProblem p = make_problem<H, T>(sh, cfg, seed);

@@ -150,7 +150,7 @@ void negative_selected_sum() {
     for (const auto& opt : smora_cases::all_router_options()) {
       if (!opt.gate_uses_bias) continue;  // gates from s0 > 0: no negative sums
       ++seed;
-      RWTEST_SMORA_INFO(H, T, sh, seed);
+      RWTEST_CONTEXT(H, T, "shape " << sh, seed);
       INFO("options " << opt);
       const RouterConfig rc = smora_cases::router_config(sh, opt);
       SmoraProblem p = smora_cases::make_problem<H, T>(sh, rc, seed);
@@ -224,7 +224,7 @@ void per_rank_bias() {
        {SmoraShape{17, 7, 0, 16, 4, 2}, SmoraShape{6, 10, 0, 12, 6, 3}, SmoraShape{9, 5, 0, 6, 3, 3}}) {
     for (const auto& opt : smora_cases::all_router_options()) {
       ++seed;
-      RWTEST_SMORA_INFO(H, T, sh, seed);
+      RWTEST_CONTEXT(H, T, "shape " << sh, seed);
       INFO("options " << opt << ", bias_per_rank");
       RouterConfig rc = smora_cases::router_config(sh, opt);
       rc.bias_per_rank = true;
@@ -235,7 +235,7 @@ void per_rank_bias() {
   for (const SmoraShape& sh : {SmoraShape{20, 11, 17, 12, 6, 3}, SmoraShape{33, 19, 21, 16, 4, 2}}) {
     for (const auto path : {rankwise::RankUnitPath::kSparse, rankwise::RankUnitPath::kDense}) {
       ++seed;
-      RWTEST_SMORA_INFO(H, T, sh, seed);
+      RWTEST_CONTEXT(H, T, "shape " << sh, seed);
       INFO("layer, bias_per_rank, path " << smora_cases::path_name(path));
       SmoraConfig sc = smora_cases::smora_config(sh, {}, path);
       sc.router.bias_per_rank = true;
@@ -268,7 +268,7 @@ void trained_bias() {
     for (const bool per_rank : {false, true}) {
       for (const bool uses_bias : {true, false}) {
         ++seed;
-        RWTEST_SMORA_INFO(H, T, sh, seed);
+        RWTEST_CONTEXT(H, T, "shape " << sh, seed);
         INFO("bias_per_rank " << per_rank << ", gate_uses_bias " << uses_bias);
         smora_cases::RouterOptions opt;
         opt.gate_uses_bias = uses_bias;

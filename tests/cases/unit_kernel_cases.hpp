@@ -342,10 +342,6 @@ inline HostMatrix ref_gather_cols(const HostMatrix& dense, const HostIndices& u)
   return out;
 }
 
-#define RWTEST_UNIT_CASE_INFO(H, T)                                                     \
-  "backend " << H::kName << ", type " << H::template type_name<T>() << ", shape " << sh \
-             << ", layout " << layout_name(layout)
-
 /// out = alpha w[units] · x + beta out, out in Acc: beta = 0 over a NaN out,
 /// nonzero beta, every layout.
 template <class H, class T>
@@ -360,8 +356,10 @@ void gather_dot_matches_reference() {
       for (const auto& ab : {std::pair<double, double>{1.0, 0.0}, {-0.75, 0.5}}) {
         ++seed;
         const double alpha = ab.first, beta = ab.second;
-        INFO(RWTEST_UNIT_CASE_INFO(H, T)
-             << ", alpha " << alpha << ", beta " << beta << ", seed " << seed);
+        RWTEST_CONTEXT(H, T,
+                       "shape " << sh << ", layout " << layout_name(layout) << ", alpha " << alpha
+                                << ", beta " << beta,
+                       seed);
         const HostIndices units = random_units(sh, layout, seed * 8);
         const HostMatrix x = quantize<H, T>(random_matrix(sh.n, sh.d, seed * 8 + 1));
         const HostMatrix w = quantize<H, T>(random_matrix(sh.r, sh.d, seed * 8 + 2));
@@ -399,7 +397,9 @@ void gather_axpy_matches_reference() {
     for (const Layout layout : all_layouts()) {
       for (const double alpha : {1.0, -0.75}) {
         ++seed;
-        INFO(RWTEST_UNIT_CASE_INFO(H, T) << ", alpha " << alpha << ", seed " << seed);
+        RWTEST_CONTEXT(H, T,
+                       "shape " << sh << ", layout " << layout_name(layout) << ", alpha " << alpha,
+                       seed);
         const HostIndices units = random_units(sh, layout, seed * 8);
         const HostMatrix coef = quantize<H, Acc>(random_matrix(sh.n, sh.k, seed * 8 + 1));
         const HostMatrix w = quantize<H, T>(random_matrix(sh.r, sh.d, seed * 8 + 2));
@@ -437,8 +437,10 @@ void scatter_axpy_matches_reference() {
       for (const auto& ab : {std::pair<double, double>{1.0, 0.0}, {-0.75, 0.5}, {0.5, 1.0}}) {
         ++seed;
         const double alpha = ab.first, beta = ab.second;
-        INFO(RWTEST_UNIT_CASE_INFO(H, T)
-             << ", alpha " << alpha << ", beta " << beta << ", seed " << seed);
+        RWTEST_CONTEXT(H, T,
+                       "shape " << sh << ", layout " << layout_name(layout) << ", alpha " << alpha
+                                << ", beta " << beta,
+                       seed);
         const HostIndices units = random_units(sh, layout, seed * 8);
         const HostMatrix coef = quantize<H, Acc>(random_matrix(sh.n, sh.k, seed * 8 + 1));
         const HostMatrix src = quantize<H, T>(random_matrix(sh.n, sh.d, seed * 8 + 2));
@@ -483,7 +485,7 @@ void densify_matches_reference() {
   for (const UnitShape& sh : unit_shapes()) {
     for (const Layout layout : all_layouts()) {
       ++seed;
-      INFO(RWTEST_UNIT_CASE_INFO(H, T) << ", seed " << seed);
+      RWTEST_CONTEXT(H, T, "shape " << sh << ", layout " << layout_name(layout), seed);
       const HostIndices units = random_units(sh, layout, seed * 8);
       const HostMatrix values = quantize<H, Acc>(random_matrix(sh.n, sh.k, seed * 8 + 1));
       const std::int64_t extra = data_padding(layout);
@@ -513,7 +515,7 @@ void gather_cols_matches_reference() {
   for (const UnitShape& sh : unit_shapes()) {
     for (const Layout layout : all_layouts()) {
       ++seed;
-      INFO(RWTEST_UNIT_CASE_INFO(H, T) << ", seed " << seed);
+      RWTEST_CONTEXT(H, T, "shape " << sh << ", layout " << layout_name(layout), seed);
       const HostIndices units = random_units(sh, layout, seed * 8);
       const std::int64_t extra = data_padding(layout);
       const auto du = indices_to_device<H, T>(ctx, units, layout);
@@ -569,8 +571,7 @@ void take_and_add_rows_match_reference() {
     for (const Layout layout : {Layout::kContiguous, Layout::kStrided}) {
       ++seed;
       const std::int64_t m = md.first, d = md.second, count = m + 4, extra = data_padding(layout);
-      INFO("backend " << H::kName << ", type " << H::template type_name<T>() << ", m " << m
-                      << ", d " << d << ", " << layout_name(layout) << ", seed " << seed);
+      RWTEST_CONTEXT(H, T, "m " << m << ", d " << d << ", " << layout_name(layout), seed);
       const HostIndices rows = distinct_rows(m, count, seed);
       const auto drows = indices_to_device<H, T>(ctx, rows, layout);
       const HostMatrix src = quantize<H, T>(random_matrix(count, d, seed * 4));
@@ -613,7 +614,7 @@ void remap_units_matches_reference() {
   for (const UnitShape& sh : unit_shapes()) {
     for (const Layout layout : all_layouts()) {
       ++seed;
-      INFO(RWTEST_UNIT_CASE_INFO(H, T) << ", seed " << seed);
+      RWTEST_CONTEXT(H, T, "shape " << sh << ", layout " << layout_name(layout), seed);
       HostIndices table(1, sh.r, false);
       std::mt19937_64 gen(seed);
       for (std::int64_t j = 0; j < sh.r; ++j) table.at(0, j) = index_draw(gen, 100000);
@@ -632,8 +633,6 @@ void remap_units_matches_reference() {
     }
   }
 }
-
-#undef RWTEST_UNIT_CASE_INFO
 
 // ---------------------------------------------------------------------------
 // Element-wise and reduction cases: hadamard, scale_by, sum_rows, sum_squares
@@ -659,8 +658,7 @@ void hadamard_matches_reference() {
     for (const bool strided : {false, true}) {
       ++seed;
       const std::int64_t rows = shape.first, cols = shape.second;
-      INFO("backend " << H::kName << ", type " << H::template type_name<T>() << ", shape " << rows
-                      << " x " << cols << ", strided " << strided << ", seed " << seed);
+      RWTEST_CONTEXT(H, T, "shape " << rows << " x " << cols << ", strided " << strided, seed);
       const HostMatrix a = quantize<H, Acc>(random_matrix(rows, cols, seed * 4));
       const HostMatrix b = quantize<H, Acc>(random_matrix(rows, cols, seed * 4 + 1, -2.0, 2.0));
       HostMatrix want(rows, cols);
@@ -688,8 +686,7 @@ void scale_by_matches_reference() {
     for (const bool strided : {false, true}) {
       ++seed;
       const std::int64_t rows = shape.first, cols = shape.second;
-      INFO("backend " << H::kName << ", type " << H::template type_name<T>() << ", shape " << rows
-                      << " x " << cols << ", strided " << strided << ", seed " << seed);
+      RWTEST_CONTEXT(H, T, "shape " << rows << " x " << cols << ", strided " << strided, seed);
       const HostMatrix m0 = quantize<H, T>(random_matrix(rows, cols, seed * 4));
       const HostMatrix f = quantize<H, Acc>(random_matrix(rows, cols, seed * 4 + 1, -2.0, 2.0));
       HostMatrix want(rows, cols);
@@ -722,9 +719,9 @@ void sum_rows_matches_reference() {
       for (const bool strided : {false, true}) {
         ++seed;
         const std::int64_t rows = shape.first, cols = shape.second;
-        INFO("backend " << H::kName << ", type " << H::template type_name<T>() << ", m " << rows
-                        << " x " << cols << ", beta " << beta << ", strided " << strided
-                        << ", seed " << seed);
+        RWTEST_CONTEXT(
+            H, T, "m " << rows << " x " << cols << ", beta " << beta << ", strided " << strided,
+            seed);
         const HostMatrix m = quantize<H, Acc>(random_matrix(rows, cols, seed * 4));
         const HostMatrix out0 = beta == 0.0
                                     ? HostMatrix(1, cols, std::nan(""))
@@ -766,8 +763,7 @@ void sum_squares_matches_reference() {
     for (const bool strided : {false, true}) {
       ++seed;
       const std::int64_t rows = shape.first, cols = shape.second;
-      INFO("backend " << H::kName << ", type " << H::template type_name<T>() << ", shape " << rows
-                      << " x " << cols << ", strided " << strided << ", seed " << seed);
+      RWTEST_CONTEXT(H, T, "shape " << rows << " x " << cols << ", strided " << strided, seed);
       const HostMatrix m = quantize<H, T>(random_matrix(rows, cols, seed * 4));
       const HostMatrix out0(1, 1, 0.25);
       HostMatrix want = out0;
@@ -830,12 +826,13 @@ void count_experts_matches_reference() {
     for (const int mask_kind : {0, 1, 2}) {  // none, holes, all masked
       for (const bool strided : {false, true}) {
         ++seed;
-        INFO("backend " << H::kName << ", type " << H::template type_name<T>() << ", shape " << sh
-                        << ", mask "
-                        << (mask_kind == 0   ? "none"
-                            : mask_kind == 1 ? "holes"
-                                             : "all 0")
-                        << ", strided " << strided << ", seed " << seed);
+        RWTEST_CONTEXT(H, T,
+                       "shape " << sh << ", mask "
+                                << (mask_kind == 0   ? "none"
+                                    : mask_kind == 1 ? "holes"
+                                                     : "all 0")
+                                << ", strided " << strided,
+                       seed);
         const HostIndices experts = random_choices(sh.n, sh.per_token, sh.num, seed);
         std::vector<std::uint8_t> mask;
         if (mask_kind > 0) {
@@ -882,9 +879,9 @@ void update_bias_matches_reference() {
     for (const int kind : {0, 1, 2}) {
       for (const float rate : {1e-3f, 0.25f, 0.0f}) {
         ++seed;
-        INFO("backend " << H::kName << ", type " << H::template type_name<T>() << ", experts "
-                        << num << ", counts " << count_pattern_name(kind) << ", rate " << rate
-                        << ", seed " << seed);
+        RWTEST_CONTEXT(
+            H, T, "experts " << num << ", counts " << count_pattern_name(kind) << ", rate " << rate,
+            seed);
         const std::vector<std::int32_t> counts = count_pattern(kind, num, seed);
         const HostMatrix bias0 = quantize<H, Acc>(random_matrix(1, num, seed, -0.1, 0.1));
         long long total = 0;
@@ -920,9 +917,10 @@ void aux_loss_grad_matches_reference() {
       for (const double coef_in : {0.01, 1.5}) {
         for (const int kind : {0, 2}) {
           ++seed;
-          INFO("backend " << H::kName << ", type " << H::template type_name<T>() << ", experts "
-                          << num << ", per token " << per_token << ", coef " << coef_in
-                          << ", counts " << count_pattern_name(kind) << ", seed " << seed);
+          RWTEST_CONTEXT(H, T,
+                         "experts " << num << ", per token " << per_token << ", coef " << coef_in
+                                    << ", counts " << count_pattern_name(kind),
+                         seed);
           const std::vector<std::int32_t> counts = count_pattern(kind, num, seed);
           const double coef = H::to_double(H::template from_double<Acc>(coef_in));
           double total = 0.0;
@@ -968,9 +966,10 @@ void check_units_counts_invalid_indices() {
         for (const std::int64_t r : {sh.r, std::int64_t{0}}) {
           if (r == 0 && inject) continue;
           ++seed;
-          INFO("backend " << H::kName << ", type " << H::template type_name<T>() << ", shape " << sh
-                          << ", layout " << layout_name(layout) << ", r " << r
-                          << ", invalid injected " << inject << ", seed " << seed);
+          RWTEST_CONTEXT(H, T,
+                         "shape " << sh << ", layout " << layout_name(layout) << ", r " << r
+                                  << ", invalid injected " << inject,
+                         seed);
           HostIndices units = random_units(sh, layout, seed);
           if (inject) {
             const std::int32_t bad_values[] = {-1,
@@ -1018,10 +1017,11 @@ void gemm_acc_matches_reference() {
           for (const bool strided : {false, true}) {
             ++seed;
             const double alpha = ab.first, beta = ab.second;
-            INFO("backend " << H::kName << ", type " << H::template type_name<T>() << ", shape "
-                            << sh << ", op_a " << op_name(op_a) << ", op_b " << op_name(op_b)
-                            << ", alpha " << alpha << ", beta " << beta << ", strided " << strided
-                            << ", seed " << seed);
+            RWTEST_CONTEXT(H, T,
+                           "shape " << sh << ", op_a " << op_name(op_a) << ", op_b "
+                                    << op_name(op_b) << ", alpha " << alpha << ", beta " << beta
+                                    << ", strided " << strided,
+                           seed);
             const HostMatrix a =
                 quantize<H, T>(op_a == Op::kNoTrans ? random_matrix(sh.m, sh.k, seed * 4)
                                                     : random_matrix(sh.k, sh.m, seed * 4));
@@ -1090,10 +1090,11 @@ void gemm_mixed_matches_reference() {
               ++seed;
               const double scale = tiny_a ? 0x1.0p-20 : 1.0;
               const double alpha = ab.first / scale, beta = ab.second;
-              INFO("backend " << H::kName << ", type " << H::template type_name<T>() << ", shape "
-                              << sh << ", op_a " << op_name(op_a) << ", op_b " << op_name(op_b)
-                              << ", alpha " << alpha << ", beta " << beta << ", strided " << strided
-                              << ", a scaled by " << scale << ", seed " << seed);
+              RWTEST_CONTEXT(H, T,
+                             "shape " << sh << ", op_a " << op_name(op_a) << ", op_b "
+                                      << op_name(op_b) << ", alpha " << alpha << ", beta " << beta
+                                      << ", strided " << strided << ", a scaled by " << scale,
+                             seed);
               const HostMatrix a = quantize<H, Acc>(
                   op_a == Op::kNoTrans ? random_matrix(sh.m, sh.k, seed * 4, -scale, scale)
                                        : random_matrix(sh.k, sh.m, seed * 4, -scale, scale));
@@ -1435,9 +1436,10 @@ void route_matches_reference() {
           continue;
         for (const bool strided : {false, true}) {
           ++seed;
-          INFO("backend " << H::kName << ", type " << H::template type_name<T>() << ", router "
-                          << rc << ", n " << n << ", non-finite " << non_finite_name(nf)
-                          << ", strided " << strided << ", seed " << seed);
+          RWTEST_CONTEXT(H, T,
+                         "router " << rc << ", n " << n << ", non-finite " << non_finite_name(nf)
+                                   << ", strided " << strided,
+                         seed);
           const RouteProblem p = make_route_problem<H, Acc>(rc, n, nf, seed);
           const std::int64_t extra = strided ? 3 : 0;
           const auto dlogits = to_device<H, Acc>(ctx, p.logits, E + extra, pad);
@@ -1542,10 +1544,11 @@ void route_backward_matches_reference() {
           for (const bool want_dbias : {false, true}) {
             ++seed;
             const bool strided = with_mask != want_dbias;
-            INFO("backend " << H::kName << ", type " << H::template type_name<T>() << ", router "
-                            << rc << ", n " << n << ", extra " << with_extra << ", mask "
-                            << with_mask << ", dbias " << want_dbias << ", strided " << strided
-                            << ", seed " << seed);
+            RWTEST_CONTEXT(H, T,
+                           "router " << rc << ", n " << n << ", extra " << with_extra << ", mask "
+                                     << with_mask << ", dbias " << want_dbias << ", strided "
+                                     << strided,
+                           seed);
             const RouteProblem p = make_route_problem<H, Acc>(rc, n, NonFinite::kNone, seed);
             const HostMatrix scores = quantize<H, Acc>(p.scores);
             const HostMatrix dgates = quantize<H, Acc>(random_matrix(n, k, seed * 4 + 1));
@@ -1621,8 +1624,7 @@ void double_and_index_transfers() {
     for (const bool strided : {false, true}) {
       ++seed;
       const std::int64_t rows = shape.first, cols = shape.second;
-      INFO("backend " << H::kName << ", type " << H::template type_name<T>() << ", shape " << rows
-                      << " x " << cols << ", strided " << strided << ", seed " << seed);
+      RWTEST_CONTEXT(H, T, "shape " << rows << " x " << cols << ", strided " << strided, seed);
       // Unrounded doubles, some beyond T's precision.
       const HostMatrix src = random_matrix(rows, cols, seed, -3.0, 3.0);
       auto dst =

@@ -179,6 +179,12 @@ struct StringMaker<rankwise::ErrorCode> {
     CHECK(rwtest_cmp_.rel <= rwtest_cmp_.tolerance);                                              \
   } while (false)
 
+/// The one way a check states its context (Catch INFO): backend, storage type,
+/// what is checked (a streamable expression: "shape " << sh, ...) and the seed.
+#define RWTEST_CONTEXT(H, T, what, seed)                                                 \
+  INFO("backend " << H::kName << ", type " << H::template type_name<T>() << ", " << what \
+                  << ", seed " << seed)
+
 /// CHECKs that the statement throws a rankwise::error whose message contains
 /// `text` and whose code is `code`.
 #define RWTEST_CHECK_ERROR(code, text, ...)                   \
