@@ -28,8 +28,9 @@
 #include <string>
 #include <vector>
 
-#include "support/report.hpp"
-#include "support/sizes.hpp"
+#include "support/cpu_backend.hpp"
+#include "support/main.hpp"
+#include "support/table.hpp"
 
 namespace merge = rankwise::merge;
 
@@ -75,7 +76,7 @@ struct Row {
   double seconds = 0.0;      // wall time for all modules (extrapolated when `extrapolated`)
   double cpu_seconds = 0.0;  // process CPU time (all threads), likewise
   bool extrapolated = false;
-  double error = 0.0;    // mean relative error over the modules merged
+  double error = 0.0;  // mean relative error over the modules merged
   std::vector<double> kept;
 };
 
@@ -90,7 +91,8 @@ void run_method(benchmark::State& state, merge::MergeMethod method) {
   options.rank = g_problem.k;
   options.threads = g_problem.threads;
   options.ties.density = 0.2;
-  const bool subset = method == merge::MergeMethod::kTies && g_problem.ties_modules < g_problem.modules;
+  const bool subset =
+      method == merge::MergeMethod::kTies && g_problem.ties_modules < g_problem.modules;
   const std::ptrdiff_t count =
       static_cast<std::ptrdiff_t>(subset ? g_problem.ties_modules : g_problem.modules);
   std::vector<std::string> names(g_names.begin(), g_names.begin() + count);
@@ -99,10 +101,14 @@ void run_method(benchmark::State& state, merge::MergeMethod method) {
   if (subset) subset_inputs.assign(g_inputs.begin(), g_inputs.begin() + count);
   const std::vector<merge::MergeInput>& inputs = subset ? subset_inputs : g_inputs;
   std::vector<merge::ModuleMerge> result;
-  for (auto _ : state) {
-    result = merge::merge_modules(names, inputs, options);
-    benchmark::DoNotOptimize(result.data());
-  }
+  // The merge runs its own threads (options.threads): the context only
+  // satisfies the timer's signature.
+  static rankwise::CpuContext unused_context;
+  rankwise::bench::BenchBackend<rankwise::CpuBackend>::run(
+      state, unused_context, {}, [&](std::int64_t) {
+        result = merge::merge_modules(names, inputs, options);
+        benchmark::DoNotOptimize(result.data());
+      });
   Row row;
   row.method = merge::to_string(method);
   row.extrapolated = subset;
@@ -118,89 +124,83 @@ void run_method(benchmark::State& state, merge::MergeMethod method) {
   g_rows.push_back(row);
 }
 
-// Captures each run's real and CPU time so the table is computed from this run.
-class Capture : public benchmark::ConsoleReporter {
- public:
-  explicit Capture(OutputOptions options) : benchmark::ConsoleReporter(options) {}
-  void ReportRuns(const std::vector<Run>& runs) override {
-    ConsoleReporter::ReportRuns(runs);
-    for (const auto& run : runs) {
-      const double iterations = static_cast<double>(run.iterations);
-      seconds.push_back(run.real_accumulated_time / iterations);
-      cpu_seconds.push_back(run.cpu_accumulated_time / iterations);
-    }
-  }
-  std::vector<double> seconds, cpu_seconds;
-};
-
 }  // namespace
 
 int main(int argc, char** argv) {
-  const bool quick = rankwise::bench::take_quick_flag(&argc, argv);
-  const auto console = rankwise::bench::console_options(argc, argv);
+  namespace rb = rankwise::bench;
+  const bool quick = rb::take_quick_flag(&argc, argv);
   if (quick) {
     g_problem.modules = 16;
     g_problem.d = 1024;
     g_problem.ties_modules = 16;
   }
-  const auto t0 = std::chrono::steady_clock::now();
-  for (std::int64_t m = 0; m < g_problem.modules; ++m) {
-    g_names.push_back("model.layers." + std::to_string(m / 7) + ".module" + std::to_string(m % 7));
-    g_inputs.push_back(synthetic_module(g_problem, m));
-  }
-  const double gen = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  std::printf("problem: %lld adapters of rank %lld over %lld modules of %lld x %lld, merged rank %lld, "
-              "%d threads (data generated in %.1f s)\n",
-              static_cast<long long>(g_problem.adapters), static_cast<long long>(g_problem.rank),
-              static_cast<long long>(g_problem.modules), static_cast<long long>(g_problem.d),
-              static_cast<long long>(g_problem.d), static_cast<long long>(g_problem.k),
-              g_problem.threads, gen);
-  for (auto method : {merge::MergeMethod::kLego, merge::MergeMethod::kSvd, merge::MergeMethod::kSum,
-                      merge::MergeMethod::kLinear, merge::MergeMethod::kTies}) {
-    benchmark::RegisterBenchmark((std::string("merge/") + merge::to_string(method)).c_str(),
-                                 [method](benchmark::State& s) { run_method(s, method); })
-        ->Iterations(1)
-        ->UseRealTime()
-        ->MeasureProcessCPUTime()
-        ->Unit(benchmark::kSecond);
-  }
-  benchmark::Initialize(&argc, argv);
-  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-  Capture capture(console);
-  benchmark::RunSpecifiedBenchmarks(&capture);
-  benchmark::Shutdown();
-
-  std::printf("\n%-7s %12s %10s %10s %12s   kept per adapter (⟨ΔW', w ΔW_t⟩ / ⟨Σ w ΔW, w ΔW_t⟩)\n",
-              "method", "wall (s)", "cpu (s)", "target", "rel. error");
-  int pass = 0, miss = 0;
-  double lego_time = 0.0, svd_time = 0.0;
-  for (std::size_t i = 0; i < g_rows.size() && i < capture.seconds.size(); ++i) {
-    Row& row = g_rows[i];
-    row.seconds = capture.seconds[i];
-    row.cpu_seconds = capture.cpu_seconds[i];
-    if (row.extrapolated) {
-      const double scale = static_cast<double>(g_problem.modules) / static_cast<double>(g_problem.ties_modules);
-      row.seconds *= scale;
-      row.cpu_seconds *= scale;
+  const auto methods = {merge::MergeMethod::kLego, merge::MergeMethod::kSvd,
+                        merge::MergeMethod::kSum, merge::MergeMethod::kLinear,
+                        merge::MergeMethod::kTies};
+  auto register_all = [&] {
+    for (auto method : methods) {
+      benchmark::RegisterBenchmark((std::string("merge/") + merge::to_string(method)).c_str(),
+                                   [method](benchmark::State& s) { run_method(s, method); })
+          ->Iterations(1)
+          ->UseRealTime()
+          ->MeasureProcessCPUTime()
+          ->Unit(benchmark::kSecond);
     }
-    std::string target = "-";
-    if (row.method == "lego" || row.method == "svd") {
-      const bool ok = row.seconds < 60.0;
-      target = ok ? "PASS <60s" : "MISS <60s";
-      (ok ? pass : miss)++;
-      (row.method == "lego" ? lego_time : svd_time) = row.seconds;
+  };
+  auto header = [&] {
+    const auto t0 = std::chrono::steady_clock::now();
+    for (std::int64_t m = 0; m < g_problem.modules; ++m) {
+      g_names.push_back("model.layers." + std::to_string(m / 7) + ".module" +
+                        std::to_string(m % 7));
+      g_inputs.push_back(synthetic_module(g_problem, m));
     }
-    std::printf("%-7s %11.2f%s %10.2f %10s %12.4f   ", row.method.c_str(), row.seconds,
-                row.extrapolated ? "*" : " ", row.cpu_seconds, target.c_str(), row.error);
-    for (double k : row.kept) std::printf("%.3f ", k);
+    const double gen = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    std::printf(
+        "problem: %lld adapters of rank %lld over %lld modules of %lld x %lld, merged "
+        "rank %lld, %d threads (data generated in %.1f s)\n",
+        static_cast<long long>(g_problem.adapters), static_cast<long long>(g_problem.rank),
+        static_cast<long long>(g_problem.modules), static_cast<long long>(g_problem.d),
+        static_cast<long long>(g_problem.d), static_cast<long long>(g_problem.k), g_problem.threads,
+        gen);
+  };
+  auto tables = [&](rb::RecordingReporter& rec) {
+    rb::Table table({"method", "wall (s)", "cpu (s)", "target", "rel. error",
+                     "kept per adapter (<dW', w dW_t> / <sum w dW, w dW_t>)"});
+    rb::Tally tally;
+    double lego_time = 0.0, svd_time = 0.0;
+    for (const Row& row : g_rows) {
+      const rb::Measurement* m = rec.find("merge/" + row.method);
+      if (m == nullptr) continue;
+      const double scale = row.extrapolated ? static_cast<double>(g_problem.modules) /
+                                                  static_cast<double>(g_problem.ties_modules)
+                                            : 1.0;
+      const double wall = m->real_s * scale, cpu = m->cpu_s * scale;
+      std::string target = "-";
+      if (row.method == "lego" || row.method == "svd") {
+        target = rb::judge(wall, 60.0, &tally);
+        (row.method == "lego" ? lego_time : svd_time) = wall;
+      }
+      char wall_s[32], cpu_s[32], err[32];
+      std::snprintf(wall_s, sizeof wall_s, "%.2f%s", wall, row.extrapolated ? "*" : "");
+      std::snprintf(cpu_s, sizeof cpu_s, "%.2f", cpu);
+      std::snprintf(err, sizeof err, "%.4f", row.error);
+      std::string kept;
+      for (double k : row.kept) {
+        char b[16];
+        std::snprintf(b, sizeof b, "%.3f ", k);
+        kept += b;
+      }
+      table.row({row.method, wall_s, cpu_s, target, err, kept});
+    }
     std::printf("\n");
-  }
-  if (svd_time > 0) std::printf("lego / svd time: %.2f\n", lego_time / svd_time);
-  if (g_problem.ties_modules < g_problem.modules) {
-    std::printf("* timed on %lld modules and scaled to %lld\n",
-                static_cast<long long>(g_problem.ties_modules),
-                static_cast<long long>(g_problem.modules));
-  }
-  std::printf("targets: %d PASS, %d MISS\n", pass, miss);
-  return 0;
+    table.print();
+    if (svd_time > 0) std::printf("lego / svd time: %.2f\n", lego_time / svd_time);
+    if (g_problem.ties_modules < g_problem.modules) {
+      std::printf("* timed on %lld modules and scaled to %lld\n",
+                  static_cast<long long>(g_problem.ties_modules),
+                  static_cast<long long>(g_problem.modules));
+    }
+    rb::print_summary(rec, tally);
+  };
+  return rb::benchmark_main(argc, argv, quick, false, register_all, header, tables);
 }

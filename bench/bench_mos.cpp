@@ -4,7 +4,9 @@
 // same active rank. Forward over the stack and forward + backward, for
 // N in {1, 16, 256, 2048} on each ShardPath, then the ratio table, the
 // parameter bytes, and a sweep (N = 1..256, d = 4096 and 1024) for the
-// direct / assembled crossover that ShardPath::kAuto should follow.
+// direct / assembled crossover that ShardPath::kAuto should follow. The
+// bodies and tables are mos/suite.hpp and mos/tables.hpp, shared with
+// bench_mos_cuda.cu; this file adds the CPU-only prototype.
 //
 //   bench_mos            full run: ~1 minute of CPU time (3 repetitions,
 //                        interleaved; N = 2048 once), ~3 minutes wall on a
@@ -19,7 +21,9 @@
 // two layers evict both.
 //
 // The tables use CPU time (one thread: Eigen without OpenMP), which leaves out
-// the spans a shared machine descheduled the process.
+// the spans a shared machine descheduled the process. The outputs y and dx
+// are not zeroed between passes here: float does not overflow over a run's
+// passes, and zeroing would pause the clock around every N = 1 sample.
 //
 // kAuto follows TuningPolicy::prefer_assembled_shards(n): on the CPU always the
 // direct path, whose gathers run as GEMMs over the shared shard rows
@@ -34,23 +38,21 @@
 
 #include <Eigen/Core>
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <map>
 #include <memory>
 #include <rankwise/rankwise.hpp>
-#include <set>
 #include <string>
-#include <utility>
 #include <vector>
 
+#include "mos/sizes.hpp"
+#include "mos/suite.hpp"
+#include "mos/tables.hpp"
+#include "support/cpu_backend.hpp"
 #include "support/cpu_matrix.hpp"
-#include "support/mos_model.hpp"
-#include "support/mos_report.hpp"
-#include "support/mos_sizes.hpp"
-#include "support/report.hpp"
-#include "support/sizes.hpp"
+#include "support/main.hpp"
+#include "support/table.hpp"
 
 namespace {
 
@@ -67,6 +69,7 @@ using Mat = rb::RowMajorMatrix<T>;
 using Mos = rankwise::Mos<T, CpuBackend>;
 using Pool = rankwise::ShardPool<T, CpuBackend>;
 using Kern = rankwise::Kernels<CpuBackend, T>;
+using Model = rm::Model<T, CpuBackend>;
 
 const std::string kBackend = "cpu_f32";
 
@@ -158,161 +161,32 @@ class ProtoAssembled {
 }  // namespace proto
 // ============================ end of PROTOTYPE ================================
 
-// ---- the stacks ---------------------------------------------------------------
-
-// The model of support/mos_model.hpp plus the CPU-only prototype, on the same
-// pool and the same index lists.
-struct Model : rm::Model<T, CpuBackend> {
-  using rm::Model<T, CpuBackend>::Model;
-
-  std::vector<std::unique_ptr<proto::ProtoAssembled>>& proto_layers() {
-    auto& layers = proto_;
-    if (layers.empty()) {
-      for (std::int64_t i = 0; i < rm::kLayers; ++i) {
-        layers.push_back(std::make_unique<proto::ProtoAssembled>(
-            pool, rm::mos_config(),
-            rankwise::draw_shard_indices(pool.config(), rm::mos_config(), i)));
-      }
-      warm_up(layers);
+// The prototype's stack on the model's pool and index lists, built on first use.
+std::vector<std::unique_ptr<proto::ProtoAssembled>>& proto_layers(Model& m) {
+  static std::map<std::int64_t, std::vector<std::unique_ptr<proto::ProtoAssembled>>> stacks;
+  auto& layers = stacks[m.d];
+  if (layers.empty()) {
+    for (std::int64_t i = 0; i < rm::kLayers; ++i) {
+      layers.push_back(std::make_unique<proto::ProtoAssembled>(
+          m.pool, rm::mos_config(),
+          rankwise::draw_shard_indices(m.pool.config(), rm::mos_config(), i)));
     }
-    return layers;
+    m.warm_up(layers);
   }
+  return layers;
+}
 
- private:
-  std::vector<std::unique_ptr<proto::ProtoAssembled>> proto_;
+// Registers mos_proto_asm next to the library's paths (register_suite's extra).
+struct ProtoBenchmarks {
+  template <class Reg>
+  void operator()(Reg& reg, Mode mode, std::int64_t d, std::int64_t n) const {
+    const rm::Flavor& f = reg.flavor();
+    reg.add("mos_proto_asm", mode, d, n, [f, mode, d, n](benchmark::State& state) {
+      Model& m = rm::model<T, CpuBackend>(d);
+      rm::time_passes(state, f, m, proto_layers(m), true, mode, n);
+    });
+  }
 };
-
-Model& model(std::int64_t d) {
-  static std::map<std::int64_t, std::unique_ptr<Model>> models;
-  auto& m = models[d];
-  if (!m) m = std::make_unique<Model>(d);
-  return *m;
-}
-
-// Activations x and upstream gradients dy (U(-1, 1)), outputs y and dx, per
-// (N, d), built once (~0.2 GiB in all): the benchmarks run interleaved.
-struct Io {
-  std::int64_t n = -1, d = -1;
-  Mat x, dy, y, dx;
-};
-Io& io(std::int64_t n, std::int64_t d) {
-  static std::map<std::pair<std::int64_t, std::int64_t>, Io> cache;
-  Io& slot = cache[{n, d}];
-  if (slot.n != n || slot.d != d) {
-    slot.x = random_matrix(n, d, 11, -1.0, 1.0);
-    slot.dy = random_matrix(n, d, 12, -1.0, 1.0);
-    slot.y = Mat::Zero(n, d);
-    slot.dx = Mat::Zero(n, d);
-    slot.n = n;
-    slot.d = d;
-  }
-  return slot;
-}
-
-// One pass of `mode` over the stack: forward 0..L-1, backward L-1..0.
-template <class Layers>
-void pass(Layers& layers, Mode mode, Io& b) {
-  const auto x = host_view<const T>(b.x.data(), b.n, b.d);
-  const auto dy = host_view<const T>(b.dy.data(), b.n, b.d);
-  if (mode != Mode::kBwd) {
-    for (auto& l : layers) l->forward(x, host_view(b.y.data(), b.n, b.d));
-  }
-  if (mode != Mode::kFwd) {
-    for (auto it = layers.rbegin(); it != layers.rend(); ++it) {
-      (*it)->backward(x, dy, host_view(b.dx.data(), b.n, b.d));
-    }
-  }
-}
-
-void set_counters(benchmark::State& state, std::int64_t n) {
-  state.counters["layers"] = static_cast<double>(rm::kLayers);
-  state.counters["tokens/s"] =
-      benchmark::Counter(static_cast<double>(n), benchmark::Counter::kIsIterationInvariantRate);
-}
-
-void BM_Lora(benchmark::State& state, Mode mode, std::int64_t d, std::int64_t n) {
-  Model& m = model(d);
-  Io& b = io(n, d);
-  for (auto _ : state) {
-    pass(m.lora, mode, b);
-    benchmark::ClobberMemory();
-  }
-  set_counters(state, n);
-}
-
-// Passes over layers that share the model's pool (a step zeroes its gradients).
-template <class Layers>
-void time_pool_layers(benchmark::State& state, Model& m, Layers& layers, Mode mode,
-                      std::int64_t n) {
-  Io& b = io(n, m.d);
-  for (auto _ : state) {
-    if (mode == Mode::kStep) m.pool.zero_grad();
-    pass(layers, mode, b);
-    benchmark::ClobberMemory();
-  }
-  set_counters(state, n);
-}
-
-void BM_Mos(benchmark::State& state, ShardPath path, Mode mode, std::int64_t d, std::int64_t n) {
-  Model& m = model(d);
-  time_pool_layers(state, m, m.mos(path), mode, n);
-}
-
-void BM_ProtoAssembled(benchmark::State& state, Mode mode, std::int64_t d, std::int64_t n) {
-  Model& m = model(d);
-  time_pool_layers(state, m, m.proto_layers(), mode, n);
-}
-
-void BM_ZeroGrad(benchmark::State& state, std::int64_t d) {
-  Model& m = model(d);
-  for (auto _ : state) {
-    m.pool.zero_grad();
-    benchmark::ClobberMemory();
-  }
-}
-
-// ---- registration -------------------------------------------------------------
-
-void register_all(bool quick) {
-  // A pass over 32 layers at N = 2048 takes seconds (forward + backward: ~11
-  // GFLOP of rank-16 GEMMs on one core): exactly one iteration, no estimation
-  // run. Smaller N repeat up to min_time (one iteration whenever it exceeds it).
-  const double min_time = quick ? 0.005 : 0.1;
-  std::set<std::string> seen;  // the sweep repeats some of the main table's runs
-  auto reg = [&](const std::string& name, std::int64_t n, auto fn, auto... args) {
-    if (!seen.insert(name).second) return;
-    auto* b = benchmark::RegisterBenchmark(name.c_str(), fn, args...);
-    b->UseRealTime()->Unit(benchmark::kMillisecond);
-    if (n >= 2048)
-      b->Iterations(1)->Repetitions(1);
-    else
-      b->MinTime(min_time);
-  };
-  const std::int64_t d = rm::kDim;
-  reg(rm::zero_grad_key(kBackend, d), 0, BM_ZeroGrad, d);
-  // Main table: grouped by N, LoRA next to the MoS paths (similar machine load).
-  for (std::int64_t n : rm::token_counts(quick)) {
-    for (Mode mode : {Mode::kFwd, Mode::kStep}) {
-      reg(rm::key(kBackend, "lora", mode, d, n), n, BM_Lora, mode, d, n);
-      for (ShardPath p : {ShardPath::kDirect, ShardPath::kAssembled, ShardPath::kAuto}) {
-        reg(rm::key(kBackend, rm::path_name(p), mode, d, n), n, BM_Mos, p, mode, d, n);
-      }
-      reg(rm::key(kBackend, "mos_proto_asm", mode, d, n), n, BM_ProtoAssembled, mode, d, n);
-    }
-  }
-  // Crossover sweep: direct vs assembled (and the prototype), fwd and bwd.
-  for (std::int64_t sd : rm::sweep_dims(quick)) {
-    for (std::int64_t n : rm::sweep_counts(quick)) {
-      for (Mode mode : {Mode::kFwd, Mode::kBwd}) {
-        for (ShardPath p : {ShardPath::kDirect, ShardPath::kAssembled}) {
-          reg(rm::key(kBackend, rm::path_name(p), mode, sd, n), n, BM_Mos, p, mode, sd, n);
-        }
-        reg(rm::key(kBackend, "mos_proto_asm", mode, sd, n), n, BM_ProtoAssembled, mode, sd, n);
-        reg(rm::key(kBackend, "lora", mode, sd, n), n, BM_Lora, mode, sd, n);
-      }
-    }
-  }
-}
 
 // ---- prototype check: same results as the library's assembled path -------------
 
@@ -350,76 +224,66 @@ double proto_deviation(std::int64_t n) {
   return worst;
 }
 
-void print_proto_table(rm::Times& t, bool quick) {
+void print_proto_table(rb::RecordingReporter& rec, bool quick) {
   const std::int64_t d = rm::kDim;
-  std::printf("\nPROTOTYPE (bench_mos.cpp, namespace proto; not the library), %s per pass, "
-              "d = %lld:\n",
-              t.clock(), static_cast<long long>(d));
-  std::printf("  proto_asm = kAssembled with a plain row copy into one scratch shared by all "
-              "layers (no per-layer assembled buffers); kAuto = direct on the CPU\n");
-  std::printf("%5s %5s %10s %10s %10s %10s | %9s %9s %9s\n", "N", "mode", "lora", "direct",
-              "assembled", "proto_asm", "p_asm/asm", "p_asm/dir", "p_asm/lr");
+  std::printf(
+      "\nPROTOTYPE (bench_mos.cpp, namespace proto; not the library), %s per pass, "
+      "d = %lld:\n",
+      rm::clock_name(rec), static_cast<long long>(d));
+  std::printf(
+      "  proto_asm = kAssembled with a plain row copy into one scratch shared by all "
+      "layers (no per-layer assembled buffers); kAuto = direct on the CPU\n");
+  rb::Table table({"N", "mode", "lora", "direct", "assembled", "proto_asm", "|", "p_asm/asm",
+                   "p_asm/dir", "p_asm/lr"});
   for (std::int64_t n : rm::token_counts(quick)) {
     for (Mode mode : {Mode::kFwd, Mode::kStep}) {
-      const rb::Measurement* pa = t(rm::key(kBackend, "mos_proto_asm", mode, d, n));
+      const rb::Measurement* pa = rec.find(rm::key(kBackend, "mos_proto_asm", mode, d, n));
       if (pa == nullptr) continue;
-      const rb::Measurement* lora = t(rm::key(kBackend, "lora", mode, d, n));
-      const rb::Measurement* dir = t(rm::key(kBackend, "mos_direct", mode, d, n));
-      const rb::Measurement* asm_ = t(rm::key(kBackend, "mos_assembled", mode, d, n));
-      std::printf("%5lld %5s %10s %10s %10s %10s | %9s %9s %9s\n", static_cast<long long>(n),
-                  rm::mode_name(mode), rb::format_time(lora).c_str(), rb::format_time(dir).c_str(),
-                  rb::format_time(asm_).c_str(), rb::format_time(pa).c_str(),
-                  rb::format_ratio(pa, asm_).c_str(), rb::format_ratio(pa, dir).c_str(),
-                  rb::format_ratio(pa, lora).c_str());
+      const rb::Measurement* lora = rec.find(rm::key(kBackend, "lora", mode, d, n));
+      const rb::Measurement* dir = rec.find(rm::key(kBackend, "mos_direct", mode, d, n));
+      const rb::Measurement* asm_ = rec.find(rm::key(kBackend, "mos_assembled", mode, d, n));
+      table.row({std::to_string(n), rm::mode_name(mode), rb::format_time(lora),
+                 rb::format_time(dir), rb::format_time(asm_), rb::format_time(pa), "",
+                 rb::format_ratio(pa, asm_), rb::format_ratio(pa, dir),
+                 rb::format_ratio(pa, lora)});
     }
   }
+  table.print();
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
   const bool quick = rb::take_quick_flag(&argc, argv);
-  const auto console = rb::console_options(argc, argv);
-  register_all(quick);
+  rm::Flavor flavor;
+  flavor.backend = kBackend;
+  flavor.single_run_from = 2048;  // a pass over 32 layers at N = 2048 takes seconds
+  auto register_all = [&] { rm::register_suite<T, CpuBackend>(flavor, quick, ProtoBenchmarks{}); };
+  auto header = [&] {
+    std::printf("rankwise CPU MoS benchmark%s: %s, Eigen threads: %d\n", quick ? " (quick)" : "",
+                rb::BenchBackend<CpuBackend>::describe().c_str(), Eigen::nbThreads());
+    std::printf(
+        "prototype check (N = 3 and 40, d = 256, 4 layers; y, dx, pool gradients): max "
+        "relative deviation, mos_proto_asm vs kAssembled %.1e %.1e\n",
+        proto_deviation(3), proto_deviation(40));
+  };
+  auto tables = [&](rb::RecordingReporter& rec) {
+    rec.use_cpu_time(true);  // single-threaded: CPU time skips descheduled spans
+    const rb::Tally tally =
+        rm::print_tables(rec, kBackend, "CPU (Eigen, float)", "float", sizeof(T), quick,
+                         rm::auto_path<CpuBackend, T>, {"mos_proto_asm", "lora"});
+    print_proto_table(rec, quick);
+    const auto busy = rec.preempted(0.9);
+    if (!busy.empty()) {
+      std::printf(
+          "\nnote: %zu benchmark(s) got under 90%% of a core (machine busy), e.g. %s: "
+          "the tables use CPU time, which leaves those spans out\n",
+          busy.size(), busy.front().c_str());
+    }
+    rb::print_summary(rec, tally);
+    return tally;
+  };
   // Full runs: 3 repetitions, randomly interleaved (a burst of load spreads
   // over MoS and LoRA alike), medians in the tables; N = 2048 runs once.
-  std::vector<char*> args;
-  const auto arg_storage = rb::with_default_flags(argc, argv, quick, &args);
-  int args_count = static_cast<int>(args.size()) - 1;
-  benchmark::Initialize(&args_count, args.data());
-  if (benchmark::ReportUnrecognizedArguments(args_count, args.data())) return 1;
-
-  std::printf("rankwise CPU MoS benchmark%s: Eigen %d.%d.%d, SIMD: %s, Eigen threads: %d\n",
-              quick ? " (quick)" : "", EIGEN_WORLD_VERSION, EIGEN_MAJOR_VERSION,
-              EIGEN_MINOR_VERSION, Eigen::SimdInstructionSetsInUse(), Eigen::nbThreads());
-  std::printf(
-      "prototype check (N = 3 and 40, d = 256, 4 layers; y, dx, pool gradients): max "
-      "relative deviation, mos_proto_asm vs kAssembled %.1e %.1e\n",
-      proto_deviation(3), proto_deviation(40));
-  std::fflush(stdout);
-
-  rb::RecordingReporter rec(console);
-  benchmark::RunSpecifiedBenchmarks(&rec);
-  std::fflush(stdout);
-
-  const std::string title = "CPU (Eigen, float)";
-  rm::Times times(rec, /*cpu_time=*/true);  // single-threaded: CPU time skips descheduled spans
-  rm::print_parameter_bytes(rm::kDim, sizeof(T), "float");
-  const rm::PathOf auto_path = rm::auto_path<CpuBackend, T>;
-  const rb::Tally tally = rm::print_stack_table(times, kBackend, title, rm::kDim, quick, auto_path);
-  for (std::int64_t d : rm::sweep_dims(quick)) {
-    rm::print_crossover_table(times, kBackend, title, d, quick, auto_path,
-                              {"mos_proto_asm", "lora"});
-  }
-  print_proto_table(times, quick);
-  const auto busy = rec.preempted(0.9);
-  if (!busy.empty()) {
-    std::printf(
-        "\nnote: %zu benchmark(s) got under 90%% of a core (machine busy), e.g. %s: "
-        "the tables use CPU time, which leaves those spans out\n",
-        busy.size(), busy.front().c_str());
-  }
-  rb::print_summary(rec, tally);
-  benchmark::Shutdown();
-  return 0;
+  return rb::benchmark_main(argc, argv, quick, /*defaults=*/true, register_all, header, tables);
 }

@@ -20,7 +20,9 @@
 // copy of every layer (copies totalling >= 3x the last-level cache), so the
 // units come from DRAM as in a model of many layers; every variant rotates
 // alike. Then the ratio tables, with PASS/MISS against the targets
-// (support/multi_report.hpp); informational: exits 0 whatever the verdicts.
+// (multi/tables.hpp); informational: exits 0 whatever the verdicts. The
+// bodies are multi/suite.hpp, shared with bench_multi_cuda.cu; this file adds
+// the CPU's row gather/scatter, the OpenBLAS loop and the thread count.
 //
 // --quick (or RANKWISE_BENCH_QUICK=1): N in {1, 16}, one copy, short minimum
 // times: a smoke run. --threads=N (or RANKWISE_BENCH_THREADS): rankwise's
@@ -40,20 +42,18 @@
 #include <cstdlib>
 #include <cstring>
 #include <exception>
-#include <fstream>
 #include <functional>
 #include <rankwise/rankwise.hpp>
 #include <string>
-#include <thread>
 #include <vector>
 
-#include "support/cpu_matrix.hpp"
-#include "support/multi_bench.hpp"
-#include "support/multi_report.hpp"
-#include "support/multi_sizes.hpp"
+#include "multi/sizes.hpp"
+#include "multi/suite.hpp"
+#include "multi/tables.hpp"
+#include "support/cpu_backend.hpp"
+#include "support/main.hpp"
 #include "support/openblas_baseline.hpp"
-#include "support/report.hpp"
-#include "support/thread_report.hpp"
+#include "support/table.hpp"
 
 namespace {
 
@@ -64,26 +64,9 @@ using rankwise::CpuContext;
 using rankwise::MatrixView;
 using T = float;
 
-/// The CPU's side of the suite: Google Benchmark times the loop (CPU and
-/// wall time); the engine's gather and scatter are row copies and adds,
+/// The engine's row gather and scatter on the CPU: row copies and adds,
 /// split over the context's threads.
-struct CpuOps {
-  static constexpr bool kManualTime = false;
-  static constexpr bool kCheckFinite = true;  // free on the CPU: no synchronisation
-
-  template <class Call>
-  static void run(benchmark::State& state, CpuContext&, std::int64_t cycle, Call call) {
-    rb::wait_for_openblas_idle();
-    while (state.KeepRunningBatch(cycle)) {
-      for (std::int64_t i = 0; i < cycle; ++i) call(i);
-      benchmark::ClobberMemory();
-    }
-  }
-  template <class Call>
-  static void run_host(benchmark::State& state, CpuContext& ctx, std::int64_t cycle, Call call) {
-    run(state, ctx, cycle, call);
-  }
-
+struct CpuRowOps {
   template <class F>
   static void split_rows(CpuContext& ctx, std::int64_t rows, F f) {
     const std::int64_t tasks = std::min<std::int64_t>(ctx.num_threads(), rows);
@@ -107,90 +90,52 @@ struct CpuOps {
           ConstRow(ys.data + j * ys.ld, y.cols);
     });
   }
-  // A vectorised sum (as bench_lora's read bound), split over the threads.
-  static void read(CpuContext& ctx, const T* data, std::int64_t count) {
-    using Flat = Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, 1>>;
-    const int threads = ctx.num_threads();
-    T sums[64] = {};
-    const std::int64_t tasks = std::min(threads, 64);
-    ctx.parallel_for(tasks, [&](std::int64_t task) {
-      const std::int64_t begin = count * task / tasks;
-      sums[task] = Flat(data + begin, count * (task + 1) / tasks - begin).sum();
-    });
-    benchmark::DoNotOptimize(sums);
-  }
 };
 
-using Suite = mt::Suite<CpuBackend, CpuOps>;
+using Suite = mt::Suite<CpuBackend, CpuRowOps>;
 
-// The last-level cache the rotation must defeat: RANKWISE_BENCH_LLC_BYTES, else
-// the kernel's view of cpu0's highest data cache (sysfs: on some AMD parts
-// under a hypervisor CPUID reports the package's L3, not this core's slice),
-// else Google Benchmark's largest cache, else 32 MiB.
-std::size_t last_level_cache(std::string* source) {
-  if (const char* v = std::getenv("RANKWISE_BENCH_LLC_BYTES")) {
-    if (v[0] != '\0') {
-      *source = "RANKWISE_BENCH_LLC_BYTES";
-      return static_cast<std::size_t>(std::strtoull(v, nullptr, 10));
+/// `--threads=N` (removed from argv) or RANKWISE_BENCH_THREADS; 1 when neither.
+int take_threads_flag(int* argc, char** argv) {
+  int threads = 0;
+  if (const char* env = std::getenv("RANKWISE_BENCH_THREADS")) threads = std::atoi(env);
+  const std::string prefix = "--threads=";
+  int out = 1;
+  for (int i = 1; i < *argc; ++i) {
+    if (std::string(argv[i]).rfind(prefix, 0) == 0) {
+      threads = std::atoi(argv[i] + prefix.size());
+    } else {
+      argv[out++] = argv[i];
     }
   }
-  std::size_t best = 0;
-  int best_level = 0;
-  for (int index = 0; index < 8; ++index) {
-    const std::string dir =
-        "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/";
-    std::ifstream level_file(dir + "level"), size_file(dir + "size"), type_file(dir + "type");
-    if (!level_file || !size_file) break;
-    int level = 0;
-    std::string size, type;
-    level_file >> level;
-    size_file >> size;
-    type_file >> type;
-    if (type == "Instruction" || level < best_level || size.empty()) continue;
-    std::size_t bytes = std::strtoull(size.c_str(), nullptr, 10);
-    if (size.back() == 'K') bytes <<= 10;
-    if (size.back() == 'M') bytes <<= 20;
-    best_level = level;
-    best = bytes;
-  }
-  if (best > 0) {
-    *source = "sysfs L" + std::to_string(best_level);
-    return best;
-  }
-  for (const auto& c : benchmark::CPUInfo::Get().caches) {
-    if (c.size > 0 && static_cast<std::size_t>(c.size) > best)
-      best = static_cast<std::size_t>(c.size);
-  }
-  *source = best > 0 ? "Google Benchmark CPUInfo" : "default (nothing detected)";
-  return best > 0 ? best : std::size_t(32) << 20;
+  *argc = out;
+  argv[out] = nullptr;
+  return threads > 0 ? threads : 1;
 }
+
+/// The result-name prefix of a run on `threads` threads, "cpu_f32/t:1" (as
+/// bench_lora's and bench_smora's CPU runs name theirs).
+std::string cpu_prefix(int threads) { return "cpu_f32/t:" + std::to_string(threads); }
 
 #if RANKWISE_BENCH_OPENBLAS
 // The per-adapter loop with the two sgemm of each adapter's LoRA (on its own
-// layer's memory) in place of Lora::forward.
-void time_blas(benchmark::State& state, Suite& suite, int threads, const std::string& name,
-               std::int64_t n, std::int64_t t) {
-  Suite::Case& cs = suite.case_of(n, t);
-  std::vector<T> h(static_cast<std::size_t>(n * mt::kPaddedRank));  // H = X A^T, per adapter
-  auto forward = [&](Suite::LoraLayer& l, MatrixView<const T> xs, MatrixView<T> ys) {
-    rb::blas_lora_forward(rb::blas_lora(l), static_cast<int>(xs.rows), xs.data, h.data(), ys.data);
-  };
-  rb::use_openblas_threads(threads);
-  suite.time_rotation(state, name, cs.batch_count(), cs.copies, false,
-                      [&](std::int64_t batch, std::int64_t copy) {
-                        suite.per_adapter_loop(cs, batch, copy, forward);
-                      });
-  rb::openblas_done(threads);
-  state.counters["units"] = mt::mean_units(t);
-}
-
+// layer's memory) in place of Lora::forward, next to the case's other variants.
 void register_blas(Suite& suite, int threads, std::int64_t n, std::int64_t t) {
   const std::string name = mt::case_key(suite.backend(), "blas", n, t);
-  auto* b = benchmark::RegisterBenchmark(
-      name.c_str(), [&suite, threads, name, n, t](benchmark::State& state) {
-        Suite::guarded(state, [&] { time_blas(state, suite, threads, name, n, t); });
-      });
-  suite.configure(b, n);
+  suite.reg(name, n, [&suite, threads, name, n, t](benchmark::State& state) {
+    Suite::Case& cs = suite.case_of(n, t);
+    std::vector<T> h(static_cast<std::size_t>(n * mt::kPaddedRank));  // H = X Aᵀ, per adapter
+    auto forward = [&](Suite::LoraLayer& l, MatrixView<const T> xs, MatrixView<T> ys) {
+      rb::blas_lora_forward(rb::blas_lora(l), static_cast<int>(xs.rows), xs.data, h.data(),
+                            ys.data);
+    };
+    rb::use_openblas_threads(threads);
+    suite.time_rotation(state, name, cs.batch_count(), cs.copies, false,
+                        [&](std::int64_t batch, std::int64_t copy) {
+                          suite.per_adapter_loop(cs, batch, copy, forward);
+                        });
+    rb::openblas_done(threads);
+    state.counters["units"] = mt::mean_units(t);
+  });
 }
 #endif
 
@@ -198,68 +143,64 @@ void register_blas(Suite& suite, int threads, std::int64_t n, std::int64_t t) {
 
 int main(int argc, char** argv) {
   const bool quick = rb::take_quick_flag(&argc, argv);
-  const int threads = mt::take_threads_flag(&argc, argv);
-  rb::RecordingReporter rec(argc, argv);  // before anything prints: it may move the text to stderr
-  std::vector<char*> args;
-  const auto arg_storage = rb::with_default_flags(argc, argv, quick, &args);
-  int nargs = static_cast<int>(args.size()) - 1;
-  benchmark::Initialize(&nargs, args.data());
-  if (benchmark::ReportUnrecognizedArguments(nargs, args.data())) return 1;
-
-  std::string llc_source;
-  const std::size_t llc = last_level_cache(&llc_source);
+  const int threads = take_threads_flag(&argc, argv);
   CpuContext ctx(threads);
-  Suite suite(ctx, rb::thread_prefix("cpu_f32", threads), llc, quick);
-  std::function<void(std::int64_t, std::int64_t)> also;
+  Suite suite(ctx, cpu_prefix(threads), quick);
+
+  auto register_all = [&] {
+    std::function<void(std::int64_t, std::int64_t)> also;
 #if RANKWISE_BENCH_OPENBLAS
-  also = [&](std::int64_t n, std::int64_t t) { register_blas(suite, threads, n, t); };
+    also = [&](std::int64_t n, std::int64_t t) { register_blas(suite, threads, n, t); };
 #endif
-  suite.register_all(also);
+    suite.register_all(also);
+  };
 
-  std::printf(
-      "rankwise CPU multi-adapter (UnitPool) benchmark%s: Eigen %d.%d.%d, SIMD: %s, threads: %d "
-      "(rankwise CpuContext, OpenBLAS; --threads=N), hardware threads: %u\n",
-      quick ? " (quick)" : "", EIGEN_WORLD_VERSION, EIGEN_MAJOR_VERSION, EIGEN_MINOR_VERSION,
-      rb::eigen_simd().c_str(), threads, std::thread::hardware_concurrency());
-  std::printf("%s\n", rb::openblas_note().c_str());
-  std::printf(
-      "last-level cache: %zu KiB (%s); one pool's units %.1f MiB, padded pool %.1f MiB; "
-      "batches with N <= %lld rotate over %lld cop%s of every layer\n",
-      llc >> 10, llc_source.c_str(), Suite::pool_bytes() / 1048576.0,
-      Suite::padded_bytes() / 1048576.0, static_cast<long long>(mt::kRotateMaxTokens),
-      static_cast<long long>(suite.copies()), suite.copies() == 1 ? "y" : "ies");
   Suite::Agreement agree;
-  try {
-    agree = suite.agreement();  // builds every layer
-  } catch (const std::exception& e) {
-    std::printf("benchmark error: building the layers failed: %s\n", e.what());
-    return 1;
-  }
-  mt::print_agreement(agree);
-
-  benchmark::RunSpecifiedBenchmarks(&rec);
-  std::fflush(stdout);
-
-  mt::ReportOptions opt;
-  opt.backend = suite.backend();
-  opt.title =
-      "CPU (Eigen, float), " + std::to_string(threads) + (threads == 1 ? " thread" : " threads");
-  opt.quick = quick;
-  opt.cpu_time = threads == 1;  // one thread: its CPU time, which a busy machine inflates less
-  opt.blas = rb::kOpenBlas;
-  opt.copies = suite.copies();
-  rb::Tally tally = mt::print_multi_tables(rec, opt);
-  mt::report_disagreement(agree);
-  if (threads == 1) {
-    const auto busy = rec.preempted(0.9, suite.backend() + "/");
-    if (!busy.empty()) {
-      std::printf(
-          "\nnote: %zu benchmark(s) got under 90%% of a core (machine busy), e.g. %s: "
-          "the ratios use CPU time, which this inflates less than wall time\n",
-          busy.size(), busy.front().c_str());
+  bool built = false;
+  auto header = [&] {
+    std::printf(
+        "rankwise CPU multi-adapter (UnitPool) benchmark%s: %s; threads: %d (rankwise "
+        "CpuContext, OpenBLAS; --threads=N)\n",
+        quick ? " (quick)" : "", rb::BenchBackend<CpuBackend>::describe().c_str(), threads);
+    std::printf(
+        "one pool's units %.1f MiB, padded pool %.1f MiB; batches with N <= %lld rotate over "
+        "%lld cop%s of every layer\n",
+        Suite::pool_bytes() / 1048576.0, Suite::padded_bytes() / 1048576.0,
+        static_cast<long long>(mt::kRotateMaxTokens), static_cast<long long>(suite.copies()),
+        suite.copies() == 1 ? "y" : "ies");
+    try {
+      agree = suite.agreement();  // builds every layer
+      built = true;
+      mt::print_agreement(agree);
+    } catch (const std::exception& e) {
+      // Every benchmark then fails alike (model() throws again) and is listed.
+      std::printf("benchmark error: building the layers failed: %s\n", e.what());
     }
-  }
-  rb::print_summary(rec, tally);
-  benchmark::Shutdown();
-  return 0;
+  };
+
+  auto tables = [&](rb::RecordingReporter& rec) {
+    mt::ReportOptions opt;
+    opt.backend = suite.backend();
+    opt.title =
+        "CPU (Eigen, float), " + std::to_string(threads) + (threads == 1 ? " thread" : " threads");
+    opt.quick = quick;
+    opt.cpu_time = threads == 1;  // one thread: its CPU time, which a busy machine inflates less
+    opt.blas = rb::kOpenBlas;
+    opt.copies = suite.copies();
+    const rb::Tally tally = mt::print_multi_tables(rec, opt);
+    if (built) mt::report_disagreement(agree);
+    if (threads == 1) {
+      const auto busy = rec.preempted(0.9, suite.backend() + "/");
+      if (!busy.empty()) {
+        std::printf(
+            "\nnote: %zu benchmark(s) got under 90%% of a core (machine busy), e.g. %s: "
+            "the ratios use CPU time, which this inflates less than wall time\n",
+            busy.size(), busy.front().c_str());
+      }
+    }
+    rb::print_summary(rec, tally);
+    return tally;
+  };
+
+  return rb::benchmark_main(argc, argv, quick, /*defaults=*/true, register_all, header, tables);
 }

@@ -17,8 +17,6 @@
 
 #include <rankwise/rankwise.hpp>
 
-#include "support/cpu_matrix.hpp"
-
 namespace {
 
 using Mat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
@@ -47,7 +45,7 @@ int main() {
   const int d = 4096;
   std::printf("small-batch kernels / Eigen GEMM, time ratio (< 1: small batch faster); "
               "d = %d, one thread, SIMD: %s\n\n",
-              d, rankwise::bench::eigen_simd().c_str());
+              d, Eigen::SimdInstructionSetsInUse());
   std::printf("   r    N |  shrink  expand    grad\n");
   for (int r : {8, 16, 64}) {
     const Mat a = Mat::Random(r, d), bt = Mat::Random(r, d);

@@ -7,6 +7,9 @@
 #   ./build/bench/bench_mos --quick    smoke run, seconds (also RANKWISE_BENCH_QUICK=1)
 #   ./build/bench/bench_mos_cuda       the same on the GPU (float and __half); exits 0 with
 #                                      "no CUDA device: skipping" when there is none
+#
+# Both binaries share mos/ (sizes.hpp: shapes and result names; suite.hpp: the
+# model and the benchmark bodies; tables.hpp: the tables).
 
 if(NOT TARGET benchmark::benchmark)
   find_package(benchmark REQUIRED)
@@ -17,13 +20,15 @@ target_include_directories(bench_mos PRIVATE "${CMAKE_CURRENT_LIST_DIR}")
 target_link_libraries(bench_mos PRIVATE rankwise::rankwise benchmark::benchmark rankwise_warnings)
 
 # Smoke test: runs every benchmark body and prints the tables in seconds; the
-# numbers of such a short run mean nothing.
+# numbers of such a short run mean nothing. A failed body prints "benchmark
+# error:" (the exit status is 0 whatever the PASS/MISS counts).
 add_test(NAME bench.mos_cpu.smoke COMMAND bench_mos)
 set_tests_properties(bench.mos_cpu.smoke PROPERTIES
   ENVIRONMENT "RANKWISE_BENCH_QUICK=1"
   LABELS "bench;smoke"
   TIMEOUT 300
-  PASS_REGULAR_EXPRESSION "targets: [0-9]+ PASS, [0-9]+ MISS")
+  PASS_REGULAR_EXPRESSION "targets: [0-9]+ PASS, [0-9]+ MISS"
+  FAIL_REGULAR_EXPRESSION "benchmark error:")
 
 if(RANKWISE_HAS_CUDA)
   add_executable(bench_mos_cuda "${CMAKE_CURRENT_LIST_DIR}/bench_mos_cuda.cu")
@@ -36,5 +41,6 @@ if(RANKWISE_HAS_CUDA)
     ENVIRONMENT "RANKWISE_BENCH_QUICK=1"
     LABELS "bench;smoke;cuda"
     TIMEOUT 300
-    PASS_REGULAR_EXPRESSION "no CUDA device: skipping|targets: [0-9]+ PASS, [0-9]+ MISS")
+    PASS_REGULAR_EXPRESSION "no CUDA device: skipping|targets: [0-9]+ PASS, [0-9]+ MISS"
+    FAIL_REGULAR_EXPRESSION "benchmark error:")
 endif()

@@ -74,9 +74,11 @@ if(RANKWISE_BUILD_EXAMPLES)
     "adapter 0 \\(\"[^\"]*gemma-2b-lora-nan\"\\): tensor \"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight\" holds 32768 non-finite values"
     --method svd --rank 8 ${_data}/gemma-2b-lora-nan)
   # The success path: report and adapter both appear (--overwrite: reruns find them there).
+  # Its report has a path of its own: the refusals above check that ${_cli_report} stays
+  # absent, and ctest -j2 runs them next to this one.
   add_test(NAME rankwise_merge.report_and_adapter
     COMMAND $<TARGET_FILE:rankwise_merge> --method svd --rank 4 --allow-duplicates --overwrite
-            --report ${_cli_report} -o ${_cli_out}-ok ${_gpt2} ${_gpt2})
+            --report ${_cli_out}-ok-report.json -o ${_cli_out}-ok ${_gpt2} ${_gpt2})
   set_tests_properties(rankwise_merge.report_and_adapter PROPERTIES
     LABELS cpu TIMEOUT 300 PASS_REGULAR_EXPRESSION "wrote .*: 36 modules")
 endif()

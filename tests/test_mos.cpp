@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "cases/mos_cases.hpp"
+#include "support/finite_difference.hpp"
 #include "support/harness_cpu.hpp"
 #include "support/mos_reference.hpp"
 #include "support/mos_tolerance.hpp"
@@ -195,15 +196,7 @@ double loss(H::Ctx& ctx, Pool& pool, std::vector<Layer*>& layers, const HostMatr
 
 template <class F>
 HostMatrix central_difference(const HostMatrix& base, F evaluate) {
-  const double h = 1e-3;
-  HostMatrix fd(base.rows, base.cols);
-  for (std::size_t i = 0; i < base.v.size(); ++i) {
-    HostMatrix plus = base, minus = base;
-    plus.v[i] += h;
-    minus.v[i] -= h;
-    fd.v[i] = (evaluate(plus) - evaluate(minus)) / (2 * h);
-  }
-  return fd;
+  return rwtest::central_difference(base, rwtest::kLinearStep, evaluate);
 }
 
 /// Analytic gradients of the summed loss (pool gradients added over the
@@ -212,7 +205,7 @@ HostMatrix central_difference(const HostMatrix& base, F evaluate) {
 void check_against_finite_differences(const MosShape& sh, std::vector<std::int64_t> layer_ids,
                                       ShardPath path, std::uint64_t seed) {
   H::Ctx ctx;
-  INFO("shape " << sh << ", path " << rwtest::mos_cases::path_name(path) << ", seed " << seed);
+  RWTEST_CONTEXT(H, T, "shape " << sh << ", path " << rwtest::mos_cases::path_name(path), seed);
   Pool pool(ctx, sh.pool_config());
   const rwtest::mos_cases::PoolData d = rwtest::mos_cases::make_pool_data<H, T>(sh, seed);
   const MosConfig cfg = rwtest::mos_cases::config_for(sh, seed);
@@ -248,9 +241,9 @@ void check_against_finite_differences(const MosShape& sh, std::vector<std::int64
       d.a, [&](const HostMatrix& a) { return loss(ctx, pool, layers, a, d.b, xs, batches, ws); });
   const HostMatrix fd_b = central_difference(
       d.b, [&](const HostMatrix& b) { return loss(ctx, pool, layers, d.a, b, xs, batches, ws); });
-  const double tol = rwtest::MosTolerance<double>::kFiniteDifference;
-  RWTEST_CHECK_CLOSE(ga, fd_a, rwtest::normwise_magnitude(fd_a), tol);
-  RWTEST_CHECK_CLOSE(gb, fd_b, rwtest::normwise_magnitude(fd_b), tol);
+  const double tol = rwtest::kMosFiniteDifference;
+  RWTEST_CHECK_FINITE_DIFFERENCE(ga, fd_a, tol);
+  RWTEST_CHECK_FINITE_DIFFERENCE(gb, fd_b, tol);
   for (std::size_t k = 0; k < layers.size(); ++k) {
     INFO("dx of layer " << layer_ids[k]);
     const HostMatrix fd_x = central_difference(xs[k], [&](const HostMatrix& xk) {
@@ -258,7 +251,7 @@ void check_against_finite_differences(const MosShape& sh, std::vector<std::int64
       xs2[k] = xk;
       return loss(ctx, pool, layers, d.a, d.b, xs2, batches, ws);
     });
-    RWTEST_CHECK_CLOSE(dxs[k], fd_x, rwtest::normwise_magnitude(fd_x), tol);
+    RWTEST_CHECK_FINITE_DIFFERENCE(dxs[k], fd_x, tol);
   }
 }
 

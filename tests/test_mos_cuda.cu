@@ -30,7 +30,7 @@ void pool_init_matches_cpu_float_bits() {
   // M = 8 · 4 · 2 = 64 shards of 2050 values: 512+ blocks of the fill.
   const rwtest::MosShape sh{4100, 34, 4, 8, 2, 2, 8};
   for (const std::uint64_t seed : {0ull, 42ull, 0xFFFFFFFFFFFFFFFFull}) {
-    INFO("type " << rwtest::MosTolerance<T>::kName << ", shape " << sh << ", seed " << seed);
+    RWTEST_CONTEXT(CudaHarness, T, "shape " << sh, seed);
     rankwise::ShardPool<T, CudaBackend> pool(ctx, sh.pool_config());
     pool.init(seed);
     const std::vector<T> got =

@@ -8,6 +8,7 @@
 
 #include "cases/smora_cases.hpp"
 #include "cases/smora_option_cases.hpp"
+#include "support/finite_difference.hpp"
 #include "support/harness_cpu.hpp"
 
 RWTEST_SMORA_TEST_CASES(rwtest::CpuHarness, "[cpu]", float, double)
@@ -45,17 +46,12 @@ double loss(H::Ctx& ctx, Layer& layer, const SmoraProblem& p, const HostMatrix& 
 /// evaluations whose selection differs from `units0`.
 template <class Evaluate>
 HostMatrix central(const HostMatrix& base, Evaluate evaluate, int* reroutes) {
-  HostMatrix fd(base.rows, base.cols);
-  for (std::size_t i = 0; i < base.v.size(); ++i) {
-    HostMatrix plus = base, minus = base;
-    plus.v[i] += kStep;
-    minus.v[i] -= kStep;
-    bool same_plus = true, same_minus = true;
-    const double lp = evaluate(plus, &same_plus), lm = evaluate(minus, &same_minus);
-    *reroutes += (same_plus ? 0 : 1) + (same_minus ? 0 : 1);
-    fd.v[i] = (lp - lm) / (2 * kStep);
-  }
-  return fd;
+  return rwtest::central_difference(base, kStep, [&](const HostMatrix& m) {
+    bool same = true;
+    const double l = evaluate(m, &same);
+    *reroutes += same ? 0 : 1;
+    return l;
+  });
 }
 
 }  // namespace
@@ -80,8 +76,10 @@ TEST_CASE("smora: gradients match central finite differences (double)", "[smora]
     for (const rankwise::RankUnitPath path :
          {rankwise::RankUnitPath::kSparse, rankwise::RankUnitPath::kDense}) {
       ++seed;
-      INFO("shape " << c.shape << ", options " << c.options << ", path "
-                    << rwtest::smora_cases::path_name(path) << ", seed " << seed);
+      RWTEST_CONTEXT(H, T,
+                     "shape " << c.shape << ", options " << c.options << ", path "
+                              << rwtest::smora_cases::path_name(path),
+                     seed);
       const rankwise::SmoraConfig cfg = rwtest::smora_cases::smora_config(c.shape, c.options, path);
       const SmoraProblem p = rwtest::smora_cases::make_problem<H, T>(c.shape, cfg.router, seed);
       const HostMatrix w = rwtest::random_matrix(c.shape.n, c.shape.d_out, seed + 1);
@@ -112,10 +110,10 @@ TEST_CASE("smora: gradients match central finite differences (double)", "[smora]
       const HostMatrix fd_wr = central(p.wr, with([](SmoraProblem& r, const HostMatrix& m) { r.wr = m; }), &reroutes);
       const HostMatrix fd_x = central(p.x, with([](SmoraProblem& r, const HostMatrix& m) { r.x = m; }), &reroutes);
       REQUIRE(reroutes == 0);
-      RWTEST_SMORA_CLOSE(got.da, fd_a, SmoraTolerance<T>::kFiniteDifference);
-      RWTEST_SMORA_CLOSE(got.db, fd_b, SmoraTolerance<T>::kFiniteDifference);
-      RWTEST_SMORA_CLOSE(got.dwr, fd_wr, SmoraTolerance<T>::kFiniteDifference);
-      RWTEST_SMORA_CLOSE(got.dx, fd_x, SmoraTolerance<T>::kFiniteDifference);
+      RWTEST_CHECK_FINITE_DIFFERENCE(got.da, fd_a, SmoraTolerance<T>::kFiniteDifference);
+      RWTEST_CHECK_FINITE_DIFFERENCE(got.db, fd_b, SmoraTolerance<T>::kFiniteDifference);
+      RWTEST_CHECK_FINITE_DIFFERENCE(got.dwr, fd_wr, SmoraTolerance<T>::kFiniteDifference);
+      RWTEST_CHECK_FINITE_DIFFERENCE(got.dx, fd_x, SmoraTolerance<T>::kFiniteDifference);
     }
   }
 }
@@ -133,8 +131,10 @@ TEST_CASE("router: Switch aux loss gradient matches finite differences (double)"
     for (const bool masked : {false, true}) {
       ++seed;
       const SmoraShape sh{9, 6, 0, 12, 4, 2};
-      INFO("shape " << sh << ", softmax " << (score == ScoreFunction::kSoftmax) << ", masked "
-                    << masked << ", seed " << seed);
+      RWTEST_CONTEXT(H, T,
+                     "shape " << sh << ", softmax " << (score == ScoreFunction::kSoftmax)
+                              << ", masked " << masked,
+                     seed);
       RouterOptions opt;
       opt.score = score;
       const rankwise::RouterConfig cfg = rwtest::smora_cases::router_config(sh, opt);
@@ -169,8 +169,10 @@ TEST_CASE("router: Switch aux loss gradient matches finite differences (double)"
       const HostMatrix fd_x = central(
           p.x, [&](const HostMatrix& m, bool* same) { return aux(m, p.wr, same); }, &recounts);
       REQUIRE(recounts == 0);
-      RWTEST_SMORA_CLOSE(rwtest::to_host<H, T>(ctx, dwr), fd_wr, SmoraTolerance<T>::kFiniteDifference);
-      RWTEST_SMORA_CLOSE(rwtest::to_host<H, T>(ctx, dx), fd_x, SmoraTolerance<T>::kFiniteDifference);
+      RWTEST_CHECK_FINITE_DIFFERENCE(rwtest::to_host<H, T>(ctx, dwr), fd_wr,
+                                     SmoraTolerance<T>::kFiniteDifference);
+      RWTEST_CHECK_FINITE_DIFFERENCE(rwtest::to_host<H, T>(ctx, dx), fd_x,
+                                     SmoraTolerance<T>::kFiniteDifference);
     }
   }
 }
@@ -195,8 +197,10 @@ TEST_CASE("smora: per-rank, trained and negative biases match central finite dif
   std::uint64_t seed = 8700;
   for (const Case& c : cases) {
     ++seed;
-    INFO("shape " << c.shape << ", bias_per_rank " << c.per_rank << ", bias shift "
-                  << c.bias_shift << ", seed " << seed);
+    RWTEST_CONTEXT(H, T,
+                   "shape " << c.shape << ", bias_per_rank " << c.per_rank << ", bias shift "
+                            << c.bias_shift,
+                   seed);
     rankwise::SmoraConfig cfg = rwtest::smora_cases::smora_config(c.shape);
     cfg.router.bias_per_rank = c.per_rank;
     cfg.train_bias = true;
@@ -233,9 +237,9 @@ TEST_CASE("smora: per-rank, trained and negative biases match central finite dif
         rwtest::row_of(p.bias),
         with([](SmoraProblem& r, const HostMatrix& m) { r.bias = m.v; }), &reroutes);
     REQUIRE(reroutes == 0);
-    RWTEST_SMORA_CLOSE(got.da, fd_a, SmoraTolerance<T>::kFiniteDifference);
-    RWTEST_SMORA_CLOSE(got.dwr, fd_wr, SmoraTolerance<T>::kFiniteDifference);
-    RWTEST_SMORA_CLOSE(got.dx, fd_x, SmoraTolerance<T>::kFiniteDifference);
-    RWTEST_SMORA_CLOSE(dbias, fd_bias, SmoraTolerance<T>::kFiniteDifference);
+    RWTEST_CHECK_FINITE_DIFFERENCE(got.da, fd_a, SmoraTolerance<T>::kFiniteDifference);
+    RWTEST_CHECK_FINITE_DIFFERENCE(got.dwr, fd_wr, SmoraTolerance<T>::kFiniteDifference);
+    RWTEST_CHECK_FINITE_DIFFERENCE(got.dx, fd_x, SmoraTolerance<T>::kFiniteDifference);
+    RWTEST_CHECK_FINITE_DIFFERENCE(dbias, fd_bias, SmoraTolerance<T>::kFiniteDifference);
   }
 }

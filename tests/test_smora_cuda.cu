@@ -40,7 +40,7 @@ TEST_CASE("cuda: routing of float logits equals the CPU backend's", "[cuda][smor
   for (const SmoraShape& sh : rwtest::smora_cases::router_shapes()) {
     for (const RouterOptions& opt : rwtest::smora_cases::all_router_options()) {
       ++seed;
-      INFO("shape " << sh << ", options " << opt << ", seed " << seed);
+      RWTEST_CONTEXT(CudaHarness, float, "shape " << sh << ", options " << opt, seed);
       const rankwise::RouterConfig cfg = rwtest::smora_cases::router_config(sh, opt);
       const std::int64_t E = cfg.num_experts(), ke = cfg.experts_per_token();
       const std::vector<double> bias =
@@ -76,8 +76,8 @@ TEST_CASE("cuda: routing of float logits equals the CPU backend's", "[cuda][smor
       HostMatrix host_scores(sh.n, E), host_gates(sh.n, sh.k);
       for (std::size_t i = 0; i < scores.size(); ++i) host_scores.v[i] = scores[i];
       for (std::size_t i = 0; i < gates.size(); ++i) host_gates.v[i] = gates[i];
-      RWTEST_SMORA_CLOSE(got.scores, host_scores, rwtest::SmoraTolerance<float>::kRouter);
-      RWTEST_SMORA_CLOSE(got.gates, host_gates, rwtest::SmoraTolerance<float>::kRouter);
+      RWTEST_CHECK_NORMWISE(got.scores, host_scores, rwtest::SmoraTolerance<float>::kRouter);
+      RWTEST_CHECK_NORMWISE(got.gates, host_gates, rwtest::SmoraTolerance<float>::kRouter);
     }
   }
 }
@@ -137,7 +137,7 @@ TEST_CASE("cuda: half router backward keeps dlogits below 6e-8 in fp32", "[cuda]
   rankwise::CudaContext ctx;
   const SmoraShape sh{2048, 16, 0, 8, 2, 1};
   const std::uint64_t seed = 7100;
-  INFO("shape " << sh << ", seed " << seed);
+  RWTEST_CONTEXT(CudaHarness, T, "shape " << sh, seed);
   const rankwise::RouterConfig cfg = rwtest::smora_cases::router_config(sh);
   rwtest::smora_cases::SmoraProblem p =
       rwtest::smora_cases::make_problem<CudaHarness, T>(sh, cfg, seed);

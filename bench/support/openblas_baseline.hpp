@@ -3,8 +3,8 @@
 // A, Bᵀ and gradient memory. Shared by bench_lora and bench_smora.
 //
 // bench/CMakeLists.txt defines RANKWISE_BENCH_OPENBLAS=1 when it finds
-// OpenBLAS; without it only kOpenBlas, openblas_note() and
-// wait_for_openblas_idle() exist, and the benchmarks leave OpenBLAS out.
+// OpenBLAS; without it this header is empty (kOpenBlas, openblas_note() and
+// the wait for idle OpenBLAS threads are the CPU timer's, cpu_backend.hpp).
 #pragma once
 
 #include <benchmark/benchmark.h>
@@ -12,9 +12,10 @@
 #include <chrono>
 #include <cstdint>
 #include <memory>
-#include <string>
-#include <thread>
+#include <rankwise/rankwise.hpp>
 #include <vector>
+
+#include "support/cpu_backend.hpp"
 
 #if RANKWISE_BENCH_OPENBLAS
 #include <cblas.h>
@@ -22,34 +23,6 @@
 
 namespace rankwise {
 namespace bench {
-
-#if RANKWISE_BENCH_OPENBLAS
-inline constexpr bool kOpenBlas = true;
-#else
-inline constexpr bool kOpenBlas = false;
-#endif
-
-/// One header line: which OpenBLAS the baseline uses, or that there is none.
-inline std::string openblas_note() {
-#if RANKWISE_BENCH_OPENBLAS
-  return std::string("OpenBLAS baseline: ") + openblas_get_config();
-#else
-  return "OpenBLAS baseline: not built (install libopenblas-dev)";
-#endif
-}
-
-// After a call on several threads, OpenBLAS's workers spin for about 0.1 s
-// (2^28 cycles, OPENBLAS_THREAD_TIMEOUT) before they sleep: measured 110 ms
-// here. A benchmark timed in that window shares its cores with them, so every
-// benchmark except a threaded OpenBLAS one waits it out first.
-inline std::chrono::steady_clock::time_point& last_threaded_openblas_call() {
-  static std::chrono::steady_clock::time_point t{};
-  return t;
-}
-inline void wait_for_openblas_idle() {
-  constexpr auto kSpinWindow = std::chrono::milliseconds(250);
-  std::this_thread::sleep_until(last_threaded_openblas_call() + kSpinWindow);
-}
 
 #if RANKWISE_BENCH_OPENBLAS
 
@@ -113,27 +86,27 @@ inline void blas_lora_backward(const BlasLora& l, int n, const float* x, const f
 }
 
 /// Times the OpenBLAS forward (or backward) of the n rows of x over `layers`
-/// in rotation (iteration i uses layer i mod size, as the rankwise runs do),
-/// on `threads` OpenBLAS threads. dy and dx are used by the backward only.
+/// in rotation (call i uses layer i mod size, as the rankwise runs do), on
+/// `threads` OpenBLAS threads, with BenchBackend<CpuBackend>::run. dy and dx:
+/// the backward only.
 template <class Layer>
 void time_blas_lora(benchmark::State& state, const std::vector<std::unique_ptr<Layer>>& layers,
                     int threads, bool backward, std::int64_t n, const float* x, const float* dy,
                     float* y, float* dx) {
+  using Backend = typename Layer::backend_type;
   std::vector<BlasLora> ops;
   for (const auto& layer : layers) ops.push_back(blas_lora(*layer));
   const int rows = static_cast<int>(n);
   std::vector<float> h(static_cast<std::size_t>(n * ops.front().rank)), dh(h.size());
+  static Context<Backend> unused_context;  // the CPU clock takes a context and ignores it
   use_openblas_threads(threads);
-  std::size_t i = 0;
-  for (auto _ : state) {
-    if (backward) {
-      blas_lora_backward(ops[i], rows, x, dy, h.data(), dh.data(), dx);
-    } else {
-      blas_lora_forward(ops[i], rows, x, h.data(), y);
-    }
-    benchmark::ClobberMemory();
-    if (++i == ops.size()) i = 0;
-  }
+  BenchBackend<Backend>::run(state, unused_context, {static_cast<std::int64_t>(ops.size()), 1},
+                             [&](std::int64_t i) {
+                               if (backward)
+                                 blas_lora_backward(ops[i], rows, x, dy, h.data(), dh.data(), dx);
+                               else
+                                 blas_lora_forward(ops[i], rows, x, h.data(), y);
+                             });
   openblas_done(threads);
 }
 

@@ -1,9 +1,6 @@
-// Records every result of a Google Benchmark run and prints the LoRA ratio
-// table from them. Shared by the CPU and the GPU benchmark; no Eigen, no CUDA.
-//
-// Each ratio divides two times measured in the same binary and the same run,
-// never a time against a number from elsewhere: the machines are shared and
-// noisy, ratios of neighbours are what stays meaningful.
+// Records every result of a Google Benchmark run for the tables printed after
+// it (support/table.hpp), and keeps --benchmark_format=json parseable. Shared
+// by every benchmark, CPU and GPU; no Eigen, no CUDA.
 #pragma once
 
 #include <benchmark/benchmark.h>
@@ -21,7 +18,6 @@
 #include <string>
 #include <vector>
 
-#include "support/sizes.hpp"
 
 namespace rankwise {
 namespace bench {
@@ -77,7 +73,7 @@ class FileStreamBuf : public std::streambuf {
 };
 
 /// Google Benchmark's display output, plus a copy of every result keyed by
-/// the registered benchmark name (see key() in sizes.hpp).
+/// the registered benchmark name.
 class RecordingReporter : public benchmark::BenchmarkReporter {
  public:
   /// Console output with `options` (see console_options()).
@@ -205,136 +201,6 @@ class RecordingReporter : public benchmark::BenchmarkReporter {
   std::unique_ptr<FileStreamBuf> machine_buf_;
   std::unique_ptr<std::ostream> machine_out_;
 };
-
-/// "123.4 us" etc.; "-" when missing.
-inline std::string format_time(const Measurement* m) {
-  if (m == nullptr) return "-";
-  const double s = m->real_s;
-  char buf[32];
-  if (s < 1e-6) std::snprintf(buf, sizeof buf, "%.1f ns", s * 1e9);
-  else if (s < 1e-3) std::snprintf(buf, sizeof buf, "%.1f us", s * 1e6);
-  else if (s < 1.0) std::snprintf(buf, sizeof buf, "%.2f ms", s * 1e3);
-  else std::snprintf(buf, sizeof buf, "%.3f s", s);
-  return buf;
-}
-
-inline std::string format_ratio(const Measurement* num, const Measurement* den) {
-  if (num == nullptr || den == nullptr || den->real_s <= 0) return "-";
-  const double r = num->real_s / den->real_s;
-  char buf[32];
-  if (r < 0.001) std::snprintf(buf, sizeof buf, "%.2e", r);
-  else if (r < 100) std::snprintf(buf, sizeof buf, "%.3f", r);
-  else std::snprintf(buf, sizeof buf, "%.0f", r);
-  return buf;
-}
-
-struct Tally {
-  int pass = 0;
-  int miss = 0;
-  Tally& operator+=(const Tally& other) {
-    pass += other.pass;
-    miss += other.miss;
-    return *this;
-  }
-};
-
-// A ratio against its target, an upper bound unless `at_least`: "PASS (0.93
-// <= 1.10)", "MISS (1.31 > 1.20)", "PASS (1.92 >= 1.80)", counted into
-// `tally`; "n/a (not measured)" for r < 0 (a time is missing).
-inline std::string judge(double r, double target, Tally* tally, bool at_least = false) {
-  if (r < 0) return "n/a (not measured)";
-  const bool ok = at_least ? r >= target : r <= target;
-  ++(ok ? tally->pass : tally->miss);
-  const char* relation = at_least ? (ok ? ">=" : "<") : (ok ? "<=" : ">");
-  char buf[64];
-  std::snprintf(buf, sizeof buf, "%s (%.2f %s %.2f)", ok ? "PASS" : "MISS", r, relation, target);
-  return buf;
-}
-
-// judge() of num / den (real_s); "n/a" when a time is missing.
-inline std::string verdict(const Measurement* num, const Measurement* den, double target,
-                           Tally* tally) {
-  if (num == nullptr || den == nullptr || den->real_s <= 0) return "n/a (not measured)";
-  return judge(num->real_s / den->real_s, target, tally);
-}
-
-/// Prints the forward and backward ratio tables of one backend (`backend` is
-/// the key prefix, e.g. "cpu_f32") for every size that has results. Returns
-/// the PASS/MISS tally. Purely informational: callers exit 0 either way.
-inline Tally print_ratio_table(RecordingReporter& rec, const std::string& backend,
-                               const std::string& title, bool quick) {
-  Tally tally;
-  const auto& rs = ranks(quick);
-  const auto& ns = token_counts(quick);
-  bool any = false;
-  for (std::int64_t r : rs) {
-    for (std::int64_t n : ns) {
-      any = any || rec.find(key(backend, "delta_fwd", r, n)) != nullptr ||
-            rec.find(key(backend, "delta_bwd", r, n)) != nullptr;
-    }
-  }
-  if (!any) return tally;  // this backend was filtered out
-  std::printf("\n== %s: LoRA delta, d_in = d_out = %lld; %s time per call, ratios of "
-              "times from this run ==\n",
-              title.c_str(), static_cast<long long>(kDim), rec.cpu_time() ? "CPU" : "wall-clock");
-  std::printf("Targets: N >= %lld: delta fwd/bwd <= %.1fx its raw GEMMs; N = 1: delta fwd "
-              "<= %.1fx reading A and B once from memory.\n",
-              static_cast<long long>(kGemmTargetMinTokens), kGemmTarget, kReadTarget);
-  std::printf("\nforward: delta = y += s*x*A^T*B^T; 2gemm = the same two GEMMs on raw "
-              "matrices; base = x*W0^T; naive = materialise s*B*A, then x*dW^T\n");
-  std::printf("%4s %5s %11s %11s %11s %11s | %9s %9s %9s | %11s %9s | %s\n", "r", "N",
-              "delta fwd", "2gemm", "base", "naive", "/2gemm", "/base", "/naive",
-              "read A,B", "/read", "target");
-  for (std::int64_t r : rs) {
-    for (std::int64_t n : ns) {
-      const Measurement* fwd = rec.find(key(backend, "delta_fwd", r, n));
-      if (fwd == nullptr) continue;
-      const Measurement* gemm = rec.find(key(backend, "gemm_fwd", r, n));
-      const Measurement* base = rec.find(key(backend, "base", 0, n));
-      const Measurement* naive = rec.find(key(backend, "naive", r, n));
-      const Measurement* read = n == 1 ? rec.find(key(backend, "read", r, 0)) : nullptr;
-      std::string target = "- (no target at this N)";
-      if (n >= kGemmTargetMinTokens) target = "2gemm " + verdict(fwd, gemm, kGemmTarget, &tally);
-      if (n == 1) target = "read " + verdict(fwd, read, kReadTarget, &tally);
-      std::printf("%4lld %5lld %11s %11s %11s %11s | %9s %9s %9s | %11s %9s | %s\n",
-                  static_cast<long long>(r), static_cast<long long>(n), format_time(fwd).c_str(),
-                  format_time(gemm).c_str(), format_time(base).c_str(),
-                  format_time(naive).c_str(), format_ratio(fwd, gemm).c_str(),
-                  format_ratio(fwd, base).c_str(), format_ratio(fwd, naive).c_str(),
-                  n == 1 ? format_time(read).c_str() : "", n == 1 ? format_ratio(fwd, read).c_str() : "",
-                  target.c_str());
-    }
-  }
-  std::printf("\nbackward: delta = dA, dB and dx += (rankwise backward); 5gemm = the same five "
-              "GEMMs on raw matrices\n");
-  std::printf("%4s %5s %11s %11s | %9s %9s %9s | %9s | %s\n", "r", "N", "delta bwd", "5gemm",
-              "/5gemm", "/base", "/fwd", "/read", "target");
-  for (std::int64_t r : rs) {
-    for (std::int64_t n : ns) {
-      const Measurement* bwd = rec.find(key(backend, "delta_bwd", r, n));
-      if (bwd == nullptr) continue;
-      const Measurement* gemm = rec.find(key(backend, "gemm_bwd", r, n));
-      const Measurement* base = rec.find(key(backend, "base", 0, n));
-      const Measurement* fwd = rec.find(key(backend, "delta_fwd", r, n));
-      const Measurement* read = n == 1 ? rec.find(key(backend, "read", r, 0)) : nullptr;
-      std::string target = "- (no target at this N)";
-      if (n >= kGemmTargetMinTokens) target = "5gemm " + verdict(bwd, gemm, kGemmTarget, &tally);
-      std::printf("%4lld %5lld %11s %11s | %9s %9s %9s | %9s | %s\n", static_cast<long long>(r),
-                  static_cast<long long>(n), format_time(bwd).c_str(), format_time(gemm).c_str(),
-                  format_ratio(bwd, gemm).c_str(), format_ratio(bwd, base).c_str(),
-                  format_ratio(bwd, fwd).c_str(), n == 1 ? format_ratio(bwd, read).c_str() : "",
-                  target.c_str());
-    }
-  }
-  return tally;
-}
-
-/// Failed benchmarks and the PASS/MISS summary; always informational.
-inline void print_summary(RecordingReporter& rec, const Tally& tally, const char* which = "") {
-  for (const std::string& e : rec.errors()) std::printf("benchmark error: %s\n", e.c_str());
-  std::printf("\ntargets%s: %d PASS, %d MISS (informational: the benchmark exits 0 either way)\n",
-              which, tally.pass, tally.miss);
-}
 
 }  // namespace bench
 }  // namespace rankwise

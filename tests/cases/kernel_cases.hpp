@@ -104,7 +104,7 @@ void gemm_degenerate() {
   typename H::Ctx ctx;
   const std::int64_t m = 9, n = 14;
   const std::uint64_t seed = 77;
-  INFO("backend " << H::kName << ", type " << H::template type_name<T>() << ", seed " << seed);
+  RWTEST_CONTEXT(H, T, "gemm, degenerate shapes", seed);
   // |c| >= 0.25: halving stays clear of half's subnormals, so it is exact.
   const HostMatrix c0 = quantize<H, T>(random_matrix(m, n, seed, 0.25, 1.0));
   const HostMatrix a = quantize<H, T>(random_matrix(m, 6, seed + 1));

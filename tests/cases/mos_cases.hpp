@@ -99,16 +99,18 @@ inline MosConfig config_for(const MosCase& c, std::uint64_t seed) {
 /// alpha / r with config_for's alpha = 16.
 inline double scale_of(const MosShape& s) { return 16.0 / static_cast<double>(s.r); }
 
-/// Bounds of support/mos_tolerance.hpp for n tokens; `calls` backward calls
+/// The model's worst-case bounds (support/tolerance.hpp) with MoS's
+/// parameters (support/mos_tolerance.hpp) for n tokens; `calls` backward calls
 /// adding into the same pool gradient.
 template <class T>
 double forward_tolerance(const MosShape& s, std::int64_t n) {
-  return mos_tolerance<T>(kMosForwardRoundings, mos_chain(s, n));
+  return worst_case_tolerance<T>(kMosForwardRoundings, mos_chain(s, n)).rel;
 }
 template <class T>
 double backward_tolerance(const MosShape& s, std::int64_t n, std::int64_t calls = 1) {
-  return mos_tolerance<T>(kMosBackwardRoundings + static_cast<int>(calls) - 1,
-                          mos_chain(s, n, calls));
+  return worst_case_tolerance<T>(kMosBackwardRoundings + static_cast<int>(calls) - 1,
+                                 mos_chain(s, n, calls))
+      .rel;
 }
 
 /// Every strategy on and off, l = 1, 2, 4, p = 0, 1 (and p = v), shard widths

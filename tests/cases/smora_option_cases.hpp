@@ -101,14 +101,15 @@ void check_router_against_reference(typename H::Ctx& ctx, const RouterConfig& cf
                                         dbias.view(), false, bws.data(), bws.bytes);
   const RouterExpected e = expect_router_backward(cfg, ref, p.x, p.wr, {dgates, abs_of(dgates)},
                                                   HostMatrix(), p.dx0);
-  RWTEST_SMORA_CLOSE(to_host<H, T>(ctx, dwr), e.dwr, SmoraTolerance<T>::kBackward);
-  RWTEST_SMORA_CLOSE(to_host<H, T>(ctx, dx), e.dx, SmoraTolerance<T>::kBackward);
-  RWTEST_SMORA_CLOSE(to_host<H, Acc>(ctx, dbias), e.dbias, SmoraTolerance<Acc>::kBackward);
+  RWTEST_CHECK_NORMWISE(to_host<H, T>(ctx, dwr), e.dwr, SmoraTolerance<T>::kBackward);
+  RWTEST_CHECK_NORMWISE(to_host<H, T>(ctx, dx), e.dx, SmoraTolerance<T>::kBackward);
+  RWTEST_CHECK_NORMWISE(to_host<H, Acc>(ctx, dbias), e.dbias, SmoraTolerance<Acc>::kBackward);
   // accumulate adds a second pass onto dbias.
   rankwise::router_backward<Backend, T>(ctx, cfg, x.cview(), wr.cview(), bias.cview(), {},
                                         out.buffers(), dg.cview(), 0.0, MatrixView<T>(),
                                         dwr.view(), dbias.view(), true, bws.data(), bws.bytes);
-  RWTEST_SMORA_CLOSE(to_host<H, Acc>(ctx, dbias), twice(e.dbias), SmoraTolerance<Acc>::kBackward);
+  RWTEST_CHECK_NORMWISE(to_host<H, Acc>(ctx, dbias), twice(e.dbias),
+                        SmoraTolerance<Acc>::kBackward);
 }
 
 /// Four experts (g = 1), k = 2, sigmoid, sum to k, gates from z = s0 + b.
@@ -121,7 +122,7 @@ void check_router_against_reference(typename H::Ctx& ctx, const RouterConfig& cf
 template <class H, class T>
 void negative_selected_sum() {
   using Acc = AccOf<T>;
-  INFO("backend " << H::kName << ", type " << H::template type_name<T>());
+  RWTEST_CONTEXT_OF(H, T, "fixed inputs");
   RouterConfig cfg;
   cfg.num_units = 4;
   cfg.top_k = 2;
@@ -130,17 +131,17 @@ void negative_selected_sum() {
         route_one_token<H, T>(cfg, {0, 0, 0, 0}, {-0.7, -0.8, -0.9, -1.0}, {1.0, 0.0});
     CHECK(got.routing.experts == std::vector<std::int32_t>{0, 1});
     CHECK(got.routing.units == std::vector<std::int32_t>{0, 1});
-    RWTEST_SMORA_CLOSE(got.routing.gates, row({0.8, 1.2}), SmoraTolerance<Acc>::kRouter);
-    RWTEST_SMORA_CLOSE(got.dbias, row({-2.4, 1.6, 0, 0}), SmoraTolerance<Acc>::kRouter);
-    RWTEST_SMORA_CLOSE(got.dlogits, row({-0.6, 0.4, 0, 0}), SmoraTolerance<T>::kBackward);
+    RWTEST_CHECK_NORMWISE(got.routing.gates, row({0.8, 1.2}), SmoraTolerance<Acc>::kRouter);
+    RWTEST_CHECK_NORMWISE(got.dbias, row({-2.4, 1.6, 0, 0}), SmoraTolerance<Acc>::kRouter);
+    RWTEST_CHECK_NORMWISE(got.dlogits, row({-0.6, 0.4, 0, 0}), SmoraTolerance<T>::kBackward);
   }
   {
     const OneToken<H, T> got =
         route_one_token<H, T>(cfg, {0, 0, 0, 0}, {-0.25, -0.75, -0.9, -1.0}, {0.0, 0.0});
     const double eps = static_cast<double>(cfg.epsilon);
     CHECK(got.routing.experts == std::vector<std::int32_t>{0, 1});
-    RWTEST_SMORA_CLOSE(got.routing.gates, row({0.5 / eps, -0.5 / eps}),
-                       SmoraTolerance<Acc>::kRouter);
+    RWTEST_CHECK_NORMWISE(got.routing.gates, row({0.5 / eps, -0.5 / eps}),
+                          SmoraTolerance<Acc>::kRouter);
   }
   // A sweep with the bias pushed below -1 so every selected sum is negative.
   typename H::Ctx ctx;
@@ -172,7 +173,7 @@ void negative_selected_sum() {
 template <class H, class T>
 void per_rank_bias() {
   using Acc = AccOf<T>;
-  INFO("backend " << H::kName << ", type " << H::template type_name<T>());
+  RWTEST_CONTEXT_OF(H, T, "fixed inputs");
   RouterConfig cfg;
   cfg.num_units = 4;
   cfg.group_size = 2;
@@ -185,12 +186,12 @@ void per_rank_bias() {
     CHECK(got.routing.experts == std::vector<std::int32_t>{0, 3});
     CHECK(got.routing.units == std::vector<std::int32_t>{0, 3});
     CHECK(got.routing.counts == std::vector<std::int32_t>{1, 0, 0, 1});
-    RWTEST_SMORA_CLOSE(got.routing.gates, row({1.8 / sum, 2 * sg / sum}),
-                       SmoraTolerance<Acc>::kRouter);
+    RWTEST_CHECK_NORMWISE(got.routing.gates, row({1.8 / sum, 2 * sg / sum}),
+                          SmoraTolerance<Acc>::kRouter);
     const double d0 = 2 * sg / (sum * sum), d3 = -1.8 / (sum * sum);
-    RWTEST_SMORA_CLOSE(got.dbias, row({d0, 0, 0, d3}), SmoraTolerance<Acc>::kRouter);
-    RWTEST_SMORA_CLOSE(got.dlogits, row({d0 * 0.25, d3 * sg * (1 - sg)}),
-                       SmoraTolerance<T>::kBackward);
+    RWTEST_CHECK_NORMWISE(got.dbias, row({d0, 0, 0, d3}), SmoraTolerance<Acc>::kRouter);
+    RWTEST_CHECK_NORMWISE(got.dlogits, row({d0 * 0.25, d3 * sg * (1 - sg)}),
+                          SmoraTolerance<T>::kBackward);
   }
   {
     // The balance step per rank through the layer: counts (1, 0, 0, 1).
@@ -291,7 +292,7 @@ void trained_bias() {
         smora_cases::check_layer_against_reference<H, T>(got, ref);
         const HostMatrix dbias = to_host<H, Acc>(ctx, MatrixView<const Acc>(layer.grad_bias()));
         if (uses_bias) {
-          RWTEST_SMORA_CLOSE(dbias, ref.dbias, SmoraTolerance<T>::kBackward);
+          RWTEST_CHECK_NORMWISE(dbias, ref.dbias, SmoraTolerance<T>::kBackward);
         } else {
           CHECK(dbias.v == std::vector<double>(static_cast<std::size_t>(C), 0.0));
         }

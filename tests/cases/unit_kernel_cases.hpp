@@ -1136,7 +1136,7 @@ void gemm_acc_mixed_degenerate() {
   typename H::Ctx ctx;
   const std::int64_t m = 9, n = 14;
   const std::uint64_t seed = 16000;
-  INFO("backend " << H::kName << ", type " << H::template type_name<T>() << ", seed " << seed);
+  RWTEST_CONTEXT(H, T, "gemm_acc / gemm_mixed, degenerate shapes", seed);
   // |c| >= 0.25: halving stays clear of half's subnormals, so it is exact.
   const HostMatrix c0 = quantize<H, T>(random_matrix(m, n, seed, 0.25, 1.0));
   const HostMatrix at = quantize<H, T>(random_matrix(m, 6, seed + 1));
@@ -1213,13 +1213,13 @@ void adam_matches_reference() {
           step.correction2 = 0.25;
           step.max_grad_norm = clip_mode == 1 ? 1024.0 : 0.75;
           const double norm_sq = clip_mode == 1 ? 4.0 : 9.0;
-          INFO("backend " << H::kName << ", type " << H::template type_name<T>() << ", shape "
-                          << rows << " x " << cols << ", clip "
-                          << (clip_mode == 0   ? "none"
-                              : clip_mode == 1 ? "inactive"
-                                               : "active")
-                          << ", weight decay " << wd << ", strided " << strided << ", seed "
-                          << seed);
+          RWTEST_CONTEXT(H, T,
+                         "shape " << rows << " x " << cols << ", clip "
+                                  << (clip_mode == 0   ? "none"
+                                      : clip_mode == 1 ? "inactive"
+                                                       : "active")
+                                  << ", weight decay " << wd << ", strided " << strided,
+                         seed);
           const HostMatrix p0 = quantize<H, T>(random_matrix(rows, cols, seed * 4));
           const HostMatrix g0 = quantize<H, T>(random_matrix(rows, cols, seed * 4 + 1));
           const HostMatrix m0 =

@@ -11,6 +11,7 @@
 #include <limits>
 #include <ostream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "rankwise/core/error.hpp"
@@ -116,6 +117,32 @@ inline Comparison compare_within(const char* what, const HostMatrix& got, const 
   return compare_within(what, got, ref, mag, Bound{tolerance, 0.0});
 }
 
+/// The normwise measure of the model: compare_within() against a magnitude
+/// of max |scale| everywhere, i.e. max |got - ref| / max |scale|.
+inline Comparison compare_normwise(const char* what, const HostMatrix& got, const HostMatrix& ref,
+                                   const HostMatrix& scale, Bound bound) {
+  return compare_within(what, got, ref, normwise_magnitude(scale), bound);
+}
+inline Comparison compare_normwise(const char* what, const HostMatrix& got, const HostMatrix& ref,
+                                   const HostMatrix& scale, double tolerance) {
+  return compare_normwise(what, got, ref, scale, Bound{tolerance, 0.0});
+}
+/// Against a plain reference: errors in units of max |ref|.
+inline Comparison compare_normwise(const char* what, const HostMatrix& got, const HostMatrix& ref,
+                                   Bound bound) {
+  return compare_normwise(what, got, ref, ref, bound);
+}
+inline Comparison compare_normwise(const char* what, const HostMatrix& got, const HostMatrix& ref,
+                                   double tolerance) {
+  return compare_normwise(what, got, ref, ref, Bound{tolerance, 0.0});
+}
+/// Against an expected value with .ref and .mag (e.g. SmoraExpected): errors
+/// in units of the largest magnitude.
+template <class E, class = decltype(std::declval<const E&>().mag)>
+Comparison compare_normwise(const char* what, const HostMatrix& got, const E& e, Bound bound) {
+  return compare_normwise(what, got, e.ref, e.mag, bound);
+}
+
 /// Index of the first element whose bytes differ, or -1 when all are equal.
 template <class T>
 std::int64_t first_bit_difference(const std::vector<T>& a, const std::vector<T>& b) {
@@ -179,11 +206,23 @@ struct StringMaker<rankwise::ErrorCode> {
     CHECK(rwtest_cmp_.rel <= rwtest_cmp_.tolerance);                                              \
   } while (false)
 
+/// RWTEST_CHECK_NORMWISE(got, expected[, scale], bound): the normwise mode of
+/// RWTEST_CHECK_CLOSE (compare_normwise): `expected` is a HostMatrix (its own
+/// scale unless `scale` is given) or has .ref and .mag.
+#define RWTEST_CHECK_NORMWISE(...)                             \
+  do {                                                         \
+    const ::rwtest::Comparison rwtest_cmp_ =                   \
+        ::rwtest::compare_normwise(#__VA_ARGS__, __VA_ARGS__); \
+    INFO(rwtest_cmp_);                                         \
+    CHECK(rwtest_cmp_.rel <= rwtest_cmp_.tolerance);           \
+  } while (false)
+
 /// The one way a check states its context (Catch INFO): backend, storage type,
 /// what is checked (a streamable expression: "shape " << sh, ...) and the seed.
-#define RWTEST_CONTEXT(H, T, what, seed)                                                 \
-  INFO("backend " << H::kName << ", type " << H::template type_name<T>() << ", " << what \
-                  << ", seed " << seed)
+#define RWTEST_CONTEXT(H, T, what, seed) RWTEST_CONTEXT_OF(H, T, what << ", seed " << seed)
+/// The same for a check whose inputs are fixed (no seed to print).
+#define RWTEST_CONTEXT_OF(H, T, what) \
+  INFO("backend " << H::kName << ", type " << H::template type_name<T>() << ", " << what)
 
 /// CHECKs that the statement throws a rankwise::error whose message contains
 /// `text` and whose code is `code`.

@@ -75,6 +75,7 @@ struct Tolerance<double> {
   static constexpr const char* kName = "double";
   static constexpr double kUnitRoundoff = 0x1.0p-53;
   static constexpr double kUnderflow = 0x1.0p-1074;  // (half of it is not a double)
+  static constexpr double kAccumulatorRoundoff = 0x1.0p-53;
   static double accumulation(std::int64_t k) {
     return kLambda * std::sqrt(static_cast<double>(k + 2)) * 0x1.0p-53;
   }
@@ -91,6 +92,7 @@ struct Tolerance<float> {
   static constexpr const char* kName = "float";
   static constexpr double kUnitRoundoff = 0x1.0p-24;
   static constexpr double kUnderflow = 0x1.0p-150;
+  static constexpr double kAccumulatorRoundoff = 0x1.0p-24;
   static double accumulation(std::int64_t k) {
     return kLambda * std::sqrt(static_cast<double>(k + 2)) * 0x1.0p-24;
   }
@@ -102,6 +104,7 @@ struct Tolerance<__half> {
   static constexpr const char* kName = "half";
   static constexpr double kUnitRoundoff = 0x1.0p-11;  // 11 significant bits
   static constexpr double kUnderflow = 0x1.0p-25;     // smallest subnormal 2^-24
+  static constexpr double kAccumulatorRoundoff = 0x1.0p-24;  // accumulates in float
   static double accumulation(std::int64_t k) {
     return 2.0 * static_cast<double>(k + 2) * 0x1.0p-24;
   }
@@ -112,6 +115,7 @@ struct Tolerance<__nv_bfloat16> {
   static constexpr const char* kName = "bfloat16";
   static constexpr double kUnitRoundoff = 0x1.0p-8;  // 8 significant bits
   static constexpr double kUnderflow = 0x1.0p-134;   // float's exponent range
+  static constexpr double kAccumulatorRoundoff = 0x1.0p-24;  // accumulates in float
   static double accumulation(std::int64_t k) {
     return 2.0 * static_cast<double>(k + 2) * 0x1.0p-24;
   }
@@ -124,6 +128,22 @@ template <class T>
 Bound tolerance(int roundings, std::int64_t k) {
   return {roundings * Tolerance<T>::kUnitRoundoff + Tolerance<T>::accumulation(k),
           roundings * Tolerance<T>::kUnderflow};
+}
+
+/// The same model with the deterministic accumulation term instead of the
+/// probabilistic one: a sum of k products in any order is within k u_Acc of
+/// the sum of |terms| (Higham, Accuracy and Stability, section 3.1), and the
+/// factor 2 leaves room for accumulators that truncate (tensor cores) and for
+/// gamma_k = k u / (1 - k u) > k u. `chain` bounds k along the longest path.
+/// Worst case, so no seed can make it flake; no absolute part (callers that
+/// use it compare normwise or where nothing underflows). Used by MoS
+/// (cases/mos_cases.hpp) and, with SMoRA's parameters, by
+/// support/smora_tolerance.hpp.
+template <class T>
+constexpr Bound worst_case_tolerance(int roundings, std::int64_t chain) {
+  return {roundings * Tolerance<T>::kUnitRoundoff +
+              2.0 * static_cast<double>(chain) * Tolerance<T>::kAccumulatorRoundoff,
+          0.0};
 }
 
 /// For checks that are not rounding-error bounds (finite differences): `rel`

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <numeric>
 #include <type_traits>
 
 #include "rankwise/backend/eigen/buffer.hpp"
@@ -451,9 +452,11 @@ struct Kernels<CpuBackend, T> {
     return std::min(extent, units * t / tasks * align);
   }
   // Parts of an Eigen product start on a multiple of its register blocks
-  // (3 packets of 8 floats or 4 doubles by 4): each element then stays in the
-  // same kind of block, so the split changes no bit (tests/test_cpu_threads.cpp).
-  static constexpr std::int64_t kEigenSplitAlign = 24;
+  // (3 packets by 4 or 8: 24 for AVX2 floats or doubles, 48 for AVX-512
+  // floats): each element then stays in the same kind of block, the tail
+  // included, so the split changes no bit (tests/test_cpu_threads.cpp).
+  static constexpr std::int64_t kEigenSplitAlign =
+      std::lcm(std::int64_t(3) * Eigen::internal::packet_traits<T>::size, std::int64_t(8));
   // Column parts of a row update start on a cache line (and a whole packet).
   static constexpr std::int64_t kColumnSplitAlign = 64 / sizeof(T);
 

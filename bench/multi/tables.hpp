@@ -1,15 +1,19 @@
 // Tables of the multi-adapter benchmark (UnitPool), from the results
-// RecordingReporter kept (support/report.hpp). Shared by the CPU and the GPU
-// binary; no Eigen, no CUDA. Every ratio divides two times measured in the
-// same binary and the same run (the floor: bytes at the read rate of this run).
+// RecordingReporter kept, printed through support/table.hpp's Table. Shared
+// by the CPU and the GPU binary; no Eigen, no CUDA. Every ratio divides two
+// times measured in the same binary and the same run (the floor: bytes at the
+// read rate of this run).
 #pragma once
 
 #include <cstdint>
 #include <cstdio>
 #include <string>
+#include <utility>
+#include <vector>
 
-#include "support/multi_sizes.hpp"
+#include "multi/sizes.hpp"
 #include "support/report.hpp"
+#include "support/table.hpp"
 
 namespace rankwise {
 namespace bench {
@@ -98,10 +102,12 @@ inline Tally print_multi_tables(RecordingReporter& rec, const ReportOptions& o) 
       kLoopTarget, static_cast<long long>(kLoopMinAdapters), static_cast<long long>(kLoopMaxTokens),
       kPaddedTarget, kFloorTarget, static_cast<long long>(kFloorMaxTokens));
 
-  std::printf("\n%5s %3s %6s | %10s %10s | %10s %6s |", "N", "T", "units", "pool", "plan", "loop",
-              "/loop");
-  if (o.blas) std::printf(" %10s %6s |", "blas", "/blas");
-  std::printf(" %10s %7s | %10s %6s | %s\n", "padded", "/padded", "floor", "/floor", "targets");
+  std::vector<std::string> header{"N",    "T", "units", "|",     "pool",
+                                  "plan", "|", "loop",  "/loop", "|"};
+  if (o.blas) header.insert(header.end(), {"blas", "/blas", "|"});
+  header.insert(header.end(), {"padded", "/padded", "|", "floor", "/floor", "|", "targets"});
+  Table cases(header);
+  Derived floors;
   for (std::int64_t n : token_counts(o.quick)) {
     for (std::int64_t t : distinct_counts(n)) {
       const Measurement* pool = rec.find(case_key(o.backend, "pool", n, t));
@@ -110,41 +116,40 @@ inline Tally print_multi_tables(RecordingReporter& rec, const ReportOptions& o) 
       const Measurement* loop = rec.find(case_key(o.backend, "loop", n, t));
       const Measurement* blas = rec.find(case_key(o.backend, "blas", n, t));
       const Measurement* padded = rec.find(case_key(o.backend, "padded", n, t));
-      const double floor_s = rate > 0 ? floor_bytes(n, t, 4) / rate : 0.0;
-      const Measurement floor_m{floor_s, floor_s};
-      const Measurement* floor = rate > 0 ? &floor_m : nullptr;
-      std::string targets;
-      auto add = [&targets](const std::string& s) { targets += (targets.empty() ? "" : "; ") + s; };
+      const Measurement* floor = floors.of(rate > 0 ? floor_bytes(n, t, 4) / rate : 0.0);
+      Targets targets;
       if (t >= kLoopMinAdapters && n <= kLoopMaxTokens)
-        add("loop " + verdict(pool, loop, kLoopTarget, &tally));
-      add("padded " + verdict(pool, padded, kPaddedTarget, &tally));
-      if (n <= kFloorMaxTokens) add("floor " + verdict(pool, floor, kFloorTarget, &tally));
-      std::printf("%5lld %3lld %6.0f | %10s %10s | %10s %6s |", static_cast<long long>(n),
-                  static_cast<long long>(t), mean_units(t), format_time(pool).c_str(),
-                  format_time(plan).c_str(), format_time(loop).c_str(),
-                  format_ratio(pool, loop).c_str());
-      if (o.blas)
-        std::printf(" %10s %6s |", format_time(blas).c_str(), format_ratio(pool, blas).c_str());
-      std::printf(" %10s %7s | %10s %6s | %s\n", format_time(padded).c_str(),
-                  format_ratio(pool, padded).c_str(), format_time(floor).c_str(),
-                  format_ratio(pool, floor).c_str(), targets.c_str());
+        targets.add("loop", verdict(pool, loop, kLoopTarget, &tally));
+      targets.add("padded", verdict(pool, padded, kPaddedTarget, &tally));
+      if (n <= kFloorMaxTokens) targets.add("floor", verdict(pool, floor, kFloorTarget, &tally));
+      char units[32];
+      std::snprintf(units, sizeof units, "%.0f", mean_units(t));
+      std::vector<std::string> row{std::to_string(n), std::to_string(t), units, ""};
+      row.insert(row.end(), {format_time(pool), format_time(plan), ""});
+      row.insert(row.end(), {format_time(loop), format_ratio(pool, loop), ""});
+      if (o.blas) row.insert(row.end(), {format_time(blas), format_ratio(pool, blas), ""});
+      row.insert(row.end(), {format_time(padded), format_ratio(pool, padded), "",
+                             format_time(floor), format_ratio(pool, floor), "", targets.str()});
+      cases.row(std::move(row));
     }
   }
+  std::printf("\n");
+  cases.print();
 
   std::printf(
       "\nT = 1: the pool vs Lora::forward of the batch's one adapter on all N rows "
       "(same rotation). Target: pool <= %.1fx direct.\n",
       kDirectTarget);
-  std::printf("%5s | %10s %10s %8s | %s\n", "N", "pool", "direct", "/direct", "target");
+  Table direct_table({"N", "|", "pool", "direct", "/direct", "|", "target"});
   for (std::int64_t n : token_counts(o.quick)) {
     const Measurement* pool = rec.find(case_key(o.backend, "pool", n, 1));
     const Measurement* direct = rec.find(case_key(o.backend, "direct", n, 1));
     if (pool == nullptr && direct == nullptr) continue;
-    std::printf("%5lld | %10s %10s %8s | %s\n", static_cast<long long>(n),
-                format_time(pool).c_str(), format_time(direct).c_str(),
-                format_ratio(pool, direct).c_str(),
-                verdict(pool, direct, kDirectTarget, &tally).c_str());
+    direct_table.row({std::to_string(n), "", format_time(pool), format_time(direct),
+                      format_ratio(pool, direct), "",
+                      verdict(pool, direct, kDirectTarget, &tally)});
   }
+  direct_table.print();
 
   std::printf(
       "\nmixed batch: N / 2 tokens over %lld plain LoRA adapters and N / 2 to one SMoRA adapter "
@@ -154,16 +159,16 @@ inline Tally print_multi_tables(RecordingReporter& rec, const ReportOptions& o) 
       "separate.\n",
       static_cast<long long>(kMixedLoraAdapters), static_cast<long long>(kSmoraRank),
       static_cast<long long>(kSmoraTopK), kMixedTarget);
-  std::printf("%5s | %10s %10s %9s | %s\n", "N", "together", "separate", "/separate", "target");
+  Table mixed_table({"N", "|", "together", "separate", "/separate", "|", "target"});
   for (std::int64_t n : mixed_token_counts(o.quick)) {
     const Measurement* together = rec.find(mixed_key(o.backend, "together", n));
     const Measurement* separate = rec.find(mixed_key(o.backend, "separate", n));
     if (together == nullptr && separate == nullptr) continue;
-    std::printf("%5lld | %10s %10s %9s | %s\n", static_cast<long long>(n),
-                format_time(together).c_str(), format_time(separate).c_str(),
-                format_ratio(together, separate).c_str(),
-                verdict(together, separate, kMixedTarget, &tally).c_str());
+    mixed_table.row({std::to_string(n), "", format_time(together), format_time(separate),
+                     format_ratio(together, separate), "",
+                     verdict(together, separate, kMixedTarget, &tally)});
   }
+  mixed_table.print();
   rec.use_cpu_time(false);
   return tally;
 }

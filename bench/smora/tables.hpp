@@ -14,24 +14,18 @@
 #include <string>
 #include <vector>
 
+#include "smora/sizes.hpp"
 #include "support/report.hpp"
-#include "support/smora_sizes.hpp"
+#include "support/table.hpp"
 
 namespace rankwise {
 namespace bench {
 namespace smora {
 
-/// Which of a result's times the ratios use. The CPU bench uses the process
-/// CPU time: Eigen runs single-threaded there, so it equals the wall time of
-/// an idle machine and is not inflated when a shared machine deschedules the
-/// process. The GPU bench uses its CUDA-event (manual, "real") time.
-enum class Clock { kReal, kCpu };
-
 struct ReportOptions {
   std::string backend;  // result-name prefix, e.g. "cpu_f32"
   std::string title;    // e.g. "CPU (Eigen, float)"
   bool quick = false;
-  Clock clock = Clock::kReal;
   /// TuningPolicy<Backend>::prefer_dense: what kAuto resolves to.
   std::function<bool(std::int64_t, std::int64_t, std::int64_t)> prefer_dense;
   /// One line each on what "cached" and "uncached" mean for this backend.
@@ -42,34 +36,6 @@ struct ReportOptions {
   /// time and SMoRA (auto) / it to the layer table.
   bool blas = false;
 };
-
-
-inline double seconds(const Measurement* m, Clock c) {
-  if (m == nullptr) return 0.0;
-  return c == Clock::kCpu ? m->cpu_s : m->real_s;
-}
-
-inline std::string fmt_time(const Measurement* m, Clock c) {
-  if (m == nullptr) return "-";
-  const double s = seconds(m, c);
-  char buf[32];
-  if (s < 1e-3) std::snprintf(buf, sizeof buf, "%.1fus", s * 1e6);
-  else if (s < 1.0) std::snprintf(buf, sizeof buf, "%.2fms", s * 1e3);
-  else std::snprintf(buf, sizeof buf, "%.3fs", s);
-  return buf;
-}
-
-inline double ratio(const Measurement* num, const Measurement* den, Clock c) {
-  if (num == nullptr || den == nullptr || seconds(den, c) <= 0) return -1.0;
-  return seconds(num, c) / seconds(den, c);
-}
-
-inline std::string fmt_ratio(double r) {
-  if (r < 0) return "-";
-  char buf[32];
-  std::snprintf(buf, sizeof buf, r < 10 ? "%.2f" : "%.0f", r);
-  return buf;
-}
 
 struct SmoraTally {
   Tally cached, uncached;
@@ -89,25 +55,26 @@ struct SmoraTally {
 /// forward_target(g, N), backward <= kMaxVsLora64.
 inline SmoraTally print_layer_table(RecordingReporter& rec, const ReportOptions& o) {
   SmoraTally tally;
-  const Clock c = o.clock;
   for (bool uncached : {false, true}) {
     for (bool backward : {false, true}) {
       std::printf("\n== %s: SMoRA (r = %lld, k = %lld) vs LoRA, d = %lld, %s, %s ==\n",
-                  o.title.c_str(), static_cast<long long>(kRank),
-                  static_cast<long long>(kTopK), static_cast<long long>(kDim),
+                  o.title.c_str(), static_cast<long long>(kRank), static_cast<long long>(kTopK),
+                  static_cast<long long>(kDim),
                   backward ? "BACKWARD (dA, dB, dW_r, dx)" : "FORWARD (inference)",
                   uncached ? "UNCACHED" : "CACHED");
       std::printf("   %s\n", (uncached ? o.uncached_note : o.cached_note).c_str());
       if (uncached && o.quick) {
-        std::printf("   QUICK MODE: the rotation is cut to a few layers, so these runs are NOT "
-                    "uncached; use the full run for cache effects\n");
+        std::printf(
+            "   QUICK MODE: the rotation is cut to a few layers, so these runs are NOT "
+            "uncached; use the full run for cache effects\n");
       }
-      std::printf("%2s %5s | %9s %9s |", "g", "N", "lora64", "lora8");
-      if (o.blas) std::printf(" %9s |", "blas64");
-      std::printf(" %9s %5s %5s | %9s %5s %5s | %11s %5s %5s", "sparse", "/l64", "/l8", "dense",
-                  "/l64", "/l8", "auto", "/l64", "/l8");
-      if (o.blas) std::printf(" %5s", "/bl64");
-      std::printf(" | %5s | %s\n", "bound", "target: auto / lora64");
+      std::vector<std::string> header{"g", "N", "|", "lora64", "lora8", "|"};
+      if (o.blas) header.insert(header.end(), {"blas64", "|"});
+      header.insert(header.end(), {"sparse", "/l64", "/l8", "|", "dense", "/l64", "/l8", "|",
+                                   "auto", "/l64", "/l8"});
+      if (o.blas) header.push_back("/bl64");
+      header.insert(header.end(), {"|", "bound", "|", "target: auto / lora64"});
+      Table table(std::move(header));
       Tally& t = uncached ? tally.uncached : tally.cached;
       std::string rates;
       for (std::int64_t g : groups()) {
@@ -123,8 +90,8 @@ inline SmoraTally print_layer_table(RecordingReporter& rec, const ReportOptions&
               rec.find(smora_key(o.backend, backward, g, RankUnitPath::kAuto, n, uncached));
           if (sp == nullptr && de == nullptr && au == nullptr) continue;
           const bool dense = o.prefer_dense && o.prefer_dense(n, kTopK, kRank);
-          const std::string auto_cell = fmt_time(au, c) + (dense ? "(D)" : "(S)");
-          const double r64 = ratio(au, l64, c);
+          const std::string auto_cell = format_time(au) + (dense ? "(D)" : "(S)");
+          const double r64 = ratio_of(au, l64);
           const double tgt = backward ? kMaxVsLora64 : forward_target(g, n);
           char buf[96];
           std::snprintf(buf, sizeof buf, "<= %.2f: ", tgt);
@@ -133,8 +100,8 @@ inline SmoraTally print_layer_table(RecordingReporter& rec, const ReportOptions&
             // Bytes one forward reads / its time: the byte bound assumes equal rates.
             const auto rate = [&](const Measurement* m, double bytes) {
               char b[32];
-              if (m == nullptr || seconds(m, c) <= 0) return std::string("-");
-              std::snprintf(b, sizeof b, "%.1f", bytes / seconds(m, c) * 1e-9);
+              if (m == nullptr || m->real_s <= 0) return std::string("-");
+              std::snprintf(b, sizeof b, "%.1f", bytes / m->real_s * 1e-9);
               return std::string(b);
             };
             const double elem = static_cast<double>(o.element_bytes);
@@ -142,20 +109,20 @@ inline SmoraTally print_layer_table(RecordingReporter& rec, const ReportOptions&
                      rate(l64, 2.0 * kRank * kDim * elem) + " GB/s, smora sparse " +
                      rate(sp, (kRank / g + 2.0 * kTopK) * kDim * elem) + " GB/s\n";
           }
-          std::printf("%2lld %5lld | %9s %9s |", static_cast<long long>(g),
-                      static_cast<long long>(n), fmt_time(l64, c).c_str(), fmt_time(l8, c).c_str());
-          if (o.blas) std::printf(" %9s |", fmt_time(bl64, c).c_str());
-          std::printf(" %9s %5s %5s | %9s %5s %5s | %11s %5s %5s", fmt_time(sp, c).c_str(),
-                      fmt_ratio(ratio(sp, l64, c)).c_str(), fmt_ratio(ratio(sp, l8, c)).c_str(),
-                      fmt_time(de, c).c_str(), fmt_ratio(ratio(de, l64, c)).c_str(),
-                      fmt_ratio(ratio(de, l8, c)).c_str(), auto_cell.c_str(),
-                      fmt_ratio(r64).c_str(), fmt_ratio(ratio(au, l8, c)).c_str());
-          if (o.blas) std::printf(" %5s", fmt_ratio(ratio(au, bl64, c)).c_str());
-          std::printf(" | %5s | %s\n",
-                      n == 1 && !backward ? fmt_ratio(n1_byte_bound(g)).c_str() : "",
-                      target.c_str());
+          std::vector<std::string> row{std::to_string(g), std::to_string(n), "",
+                                       format_time(l64),  format_time(l8),   ""};
+          if (o.blas) row.insert(row.end(), {format_time(bl64), ""});
+          row.insert(row.end(), {format_time(sp), format_ratio(ratio_of(sp, l64)),
+                                 format_ratio(ratio_of(sp, l8)), "", format_time(de),
+                                 format_ratio(ratio_of(de, l64)), format_ratio(ratio_of(de, l8)),
+                                 "", auto_cell, format_ratio(r64), format_ratio(ratio_of(au, l8))});
+          if (o.blas) row.push_back(format_ratio(ratio_of(au, bl64)));
+          row.insert(row.end(),
+                     {"", n == 1 && !backward ? format_ratio(n1_byte_bound(g)) : "", "", target});
+          table.row(std::move(row));
         }
       }
+      table.print();
       if (!rates.empty()) {
         std::printf("N = 1 read rate (weight bytes the forward reads / its time):\n%s",
                     rates.c_str());
@@ -214,46 +181,43 @@ RuleScore score_rule(const std::vector<CrossCell>& cells, Pick pick) {
 /// "dense iff n >= N0 and r <= c k" to the grid and prints the best candidates
 /// next to the backend's current prefer_dense. Returns the grid.
 inline std::vector<CrossCell> print_crossover(RecordingReporter& rec, const ReportOptions& o) {
-  const Clock c = o.clock;
   std::vector<CrossCell> cells;
-  std::printf("\n== %s: crossover of the rank-unit paths (rank_units_forward / backward "
-              "alone, no router), cached weights ==\n", o.title.c_str());
-  std::printf("   d/s = dense time / sparse time (> 1: sparse faster). rule = what the current "
-              "prefer_dense picks; '!' = it picks the path that is > 5%% slower.\n");
+  std::printf(
+      "\n== %s: crossover of the rank-unit paths (rank_units_forward / backward "
+      "alone, no router), cached weights ==\n",
+      o.title.c_str());
+  std::printf(
+      "   d/s = dense time / sparse time (> 1: sparse faster). rule = what the current "
+      "prefer_dense picks; '!' = it picks the path that is > 5%% slower.\n");
   for (std::int64_t d : crossover_dims(o.quick)) {
     for (const UnitShape& s : crossover_shapes(o.quick)) {
       std::printf("\nd = %lld, k = %lld, r = %lld (r/k = %lld)\n", static_cast<long long>(d),
                   static_cast<long long>(s.k), static_cast<long long>(s.r),
                   static_cast<long long>(s.r / s.k));
-      std::printf("%5s | %9s %9s %5s | %9s %9s %5s | rule\n", "N", "fwd sp", "fwd de", "d/s",
-                  "bwd sp", "bwd de", "d/s");
+      Table table(
+          {"N", "|", "fwd sp", "fwd de", "d/s", "|", "bwd sp", "bwd de", "d/s", "|", "rule"});
       for (std::int64_t n : crossover_tokens(o.quick)) {
-        std::string line;
-        char buf[160];
-        std::snprintf(buf, sizeof buf, "%5lld |", static_cast<long long>(n));
-        line += buf;
+        std::vector<std::string> row{std::to_string(n), ""};
         const bool rule_dense = o.prefer_dense && o.prefer_dense(n, s.k, s.r);
         bool any = false;
         std::string marks;
         for (bool backward : {false, true}) {
           const Measurement* sp = rec.find(units_key(o.backend, backward, d, s, "sparse", n));
           const Measurement* de = rec.find(units_key(o.backend, backward, d, s, "dense", n));
-          const double ds = ratio(de, sp, c);
-          std::snprintf(buf, sizeof buf, " %9s %9s %5s", fmt_time(sp, c).c_str(),
-                        fmt_time(de, c).c_str(), fmt_ratio(ds).c_str());
-          line += buf;
-          line += " |";
+          const double ds = ratio_of(de, sp);
+          row.insert(row.end(), {format_time(sp), format_time(de), format_ratio(ds), ""});
           if (sp != nullptr && de != nullptr) {
             any = true;
-            cells.push_back({d, s.k, s.r, n, backward, seconds(sp, c), seconds(de, c)});
+            cells.push_back({d, s.k, s.r, n, backward, sp->real_s, de->real_s});
             const bool wrong = rule_dense ? ds > 1.05 : (ds > 0 && ds < 1.0 / 1.05);
             marks += wrong ? "!" : "";
           }
         }
         if (!any) continue;
-        std::printf("%s %s%s\n", line.c_str(), rule_dense ? "dense" : "sparse",
-                    marks.empty() ? "" : " !");
+        row.push_back(std::string(rule_dense ? "dense" : "sparse") + (marks.empty() ? "" : " !"));
+        table.row(std::move(row));
       }
+      table.print();
     }
   }
   if (cells.empty()) return cells;
@@ -265,13 +229,14 @@ inline std::vector<CrossCell> print_crossover(RecordingReporter& rec, const Repo
     RuleScore score;
   };
   std::vector<Scored> all;
-  for (std::int64_t n0 : {std::int64_t(1), std::int64_t(16), std::int64_t(32), std::int64_t(64),
-                          std::int64_t(128), std::int64_t(256), std::int64_t(512),
-                          std::int64_t(2048), never}) {
+  for (std::int64_t n0 :
+       {std::int64_t(1), std::int64_t(16), std::int64_t(32), std::int64_t(64), std::int64_t(128),
+        std::int64_t(256), std::int64_t(512), std::int64_t(2048), never}) {
     for (std::int64_t ratio_c : {1, 2, 3, 4, 6, 8, 16}) {
       const Rule rule{n0, ratio_c};
-      all.push_back({rule, score_rule(cells, [&](std::int64_t n, std::int64_t k,
-                                                 std::int64_t r) { return rule.dense(n, k, r); })});
+      all.push_back({rule, score_rule(cells, [&](std::int64_t n, std::int64_t k, std::int64_t r) {
+                       return rule.dense(n, k, r);
+                     })});
       if (n0 == never) break;
     }
   }
@@ -298,9 +263,8 @@ inline std::vector<CrossCell> print_crossover(RecordingReporter& rec, const Repo
   std::printf("  %-40s %8.3f %8.3f %d\n", "always dense", always_dense.geomean, always_dense.worst,
               always_dense.wrong);
   for (std::size_t i = 0; i < all.size() && i < 6; ++i) {
-    std::printf("  %-40s %8.3f %8.3f %d%s\n", describe(all[i].rule).c_str(),
-                all[i].score.geomean, all[i].score.worst, all[i].score.wrong,
-                i == 0 ? "  <- best fit" : "");
+    std::printf("  %-40s %8.3f %8.3f %d%s\n", describe(all[i].rule).c_str(), all[i].score.geomean,
+                all[i].score.worst, all[i].score.wrong, i == 0 ? "  <- best fit" : "");
   }
   return cells;
 }
@@ -308,8 +272,8 @@ inline std::vector<CrossCell> print_crossover(RecordingReporter& rec, const Repo
 /// The PASS/MISS summary and failed benchmarks; always informational.
 inline void print_smora_summary(RecordingReporter& rec, const SmoraTally& t) {
   for (const std::string& e : rec.errors()) std::printf("benchmark error: %s\n", e.c_str());
-  std::printf("\ntargets (cached): %d PASS, %d MISS; (uncached): %d PASS, %d MISS\n",
-              t.cached.pass, t.cached.miss, t.uncached.pass, t.uncached.miss);
+  std::printf("\ntargets (cached): %d PASS, %d MISS; (uncached): %d PASS, %d MISS\n", t.cached.pass,
+              t.cached.miss, t.uncached.pass, t.uncached.miss);
   std::printf("targets: %d PASS, %d MISS (informational: the benchmark exits 0 either way)\n",
               t.pass(), t.miss());
 }

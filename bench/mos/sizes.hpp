@@ -1,5 +1,5 @@
-// Shapes and result names of the MoS benchmark, shared by the CPU and the GPU
-// binary so both measure exactly the same model-like stack. Plain C++17 plus
+// Shapes, targets and result names of the MoS benchmark, shared by the CPU and
+// the GPU binary so both measure exactly the same model-like stack. Plain C++17 plus
 // rankwise's backend-neutral headers: no Eigen, no CUDA, no Google Benchmark.
 #pragma once
 

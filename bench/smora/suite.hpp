@@ -1,23 +1,13 @@
-// The SMoRA benchmark bodies, written once for both backends: the CPU file
-// instantiates them with CpuBackend and a Timer that lets Google Benchmark
-// time the loop; the GPU file with CudaBackend and a Timer that times each
-// call with CUDA events (UseManualTime). Include <rankwise/rankwise.hpp> or
-// <rankwise/cuda.cuh> first; no Eigen or CUDA is named here.
-//
-// A Timer provides:
-//   static constexpr bool kManualTime;     register with UseManualTime()
-//   static constexpr bool kCheckFinite;    SmoraConfig::check_finite for the layers
-//   run(state, ctx, copies, need, prep, call)
-//       for each iteration i (cycling over `copies` layers): when need(i),
-//       prep(i) outside the timed region; then time call(i).
-//   upload_units(ctx, host, n, k, buffer)  int32 host array -> backend buffer
+// The SMoRA benchmark bodies, written once for both backends and timed only
+// through BenchBackend<Backend> (support/backend.hpp). Include
+// <rankwise/rankwise.hpp> and support/cpu_backend.hpp, or <rankwise/cuda.cuh>
+// and support/cuda_backend.cuh, first; no Eigen or CUDA is named here.
 #pragma once
 
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
 #include <cstdint>
-#include <exception>
 #include <functional>
 #include <map>
 #include <memory>
@@ -26,7 +16,8 @@
 #include <tuple>
 #include <vector>
 
-#include "support/smora_sizes.hpp"
+#include "smora/sizes.hpp"
+#include "support/backend.hpp"
 
 namespace rankwise {
 namespace bench {
@@ -40,8 +31,7 @@ struct Model {
   std::int64_t group = 1;
   RankUnitPath path = RankUnitPath::kAuto;
 
-  std::string key(const std::string& backend, bool backward, std::int64_t n,
-                  bool uncached) const {
+  std::string key(const std::string& backend, bool backward, std::int64_t n, bool uncached) const {
     return smora ? smora_key(backend, backward, group, path, n, uncached)
                  : lora_key(backend, backward, rank, n, uncached);
   }
@@ -85,7 +75,7 @@ struct alignas(kWorkspaceAlignment) BenchWord {
   unsigned char bytes[kWorkspaceAlignment];
 };
 
-template <class Backend, class T, class Timer>
+template <class Backend, class T>
 class Suite {
  public:
   using Ctx = Context<Backend>;
@@ -93,6 +83,7 @@ class Suite {
   using Acc = accumulator_t<T>;
   using LoraLayer = Lora<T, Backend>;
   using SmoraLayer = Smora<T, Backend>;
+  using Bench = BenchBackend<Backend>;
 
   /// `cache_bytes`: the cache the uncached rotation must defeat (the CPU's
   /// last-level cache, the GPU's L2). `backend`: the result-name prefix.
@@ -161,19 +152,8 @@ class Suite {
     return pool(Model{false, rank, 1, RankUnitPath::kAuto}, uncached).lora;
   }
 
-  /// Runs `body` and marks the benchmark failed (the table shows it as not
-  /// measured) when it throws a rankwise::error or a CUDA failure; the run goes on.
-  template <class F>
-  static void guarded(benchmark::State& state, F body) {
-    try {
-      body();
-    } catch (const std::exception& e) {
-      state.SkipWithError(e.what());
-    }
-  }
   static void configure(benchmark::internal::Benchmark* b, std::int64_t n, double min_time) {
-    b->MinTime(min_time)->Unit(n >= 256 ? benchmark::kMillisecond : benchmark::kMicrosecond);
-    if (Timer::kManualTime) b->UseManualTime();
+    bench::configure<Backend>(b, min_time, n);
   }
 
   // ---- the crossover grid: rank_units_forward/backward, kSparse vs kDense ------------
@@ -258,13 +238,15 @@ class Suite {
       for (std::int64_t j = 0; j < s.k; ++j) gates[t * s.k + j] *= static_cast<Acc>(s.k) / total;
     }
     c->units.resize(n * s.k);
-    Timer::upload_units(*ctx_, units.data(), n, s.k, c->units);
+    Memory<Backend>::upload(*ctx_, c->units.data(), units.data(),
+                            sizeof(std::int32_t) * units.size());
     c->gates.resize(n * s.k);
     Kernels<Backend, Acc>::upload(*ctx_, gates.data(), c->gates.view(n, s.k));
     c->dgates.resize(n * s.k);
     const std::size_t ws = std::max(rank_units_forward_workspace_bytes<T>(n, s.k, s.r),
                                     rank_units_backward_workspace_bytes<T>(n, s.k, s.r));
-    c->workspace.resize(static_cast<std::int64_t>((ws + sizeof(BenchWord) - 1) / sizeof(BenchWord)));
+    c->workspace.resize(
+        static_cast<std::int64_t>((ws + sizeof(BenchWord) - 1) / sizeof(BenchWord)));
     K::synchronize(*ctx_);
     unit_case_ = std::move(c);
     unit_key_ = want;
@@ -305,7 +287,7 @@ class Suite {
         cfg.router.top_k = kTopK;
         cfg.alpha = kSmoraAlpha;
         cfg.path = RankUnitPath::kAuto;  // set per run: Smora::set_path
-        cfg.check_finite = Timer::kCheckFinite;
+        cfg.check_finite = Bench::kCheckFinite;
         auto layer = std::make_unique<SmoraLayer>(*ctx_, cfg);
         if (i == 0) {
           layer->init(21);
@@ -400,11 +382,11 @@ class Suite {
       }
       K::synchronize(*ctx_);
     }
-    Timer::run(state, *ctx_, count, need, prep, call);
+    Bench::run(state, *ctx_, Rotation{count, 1}, call, need, prep);
     const std::int64_t rank = m.smora ? kTopK : m.rank;
-    state.counters["FLOP/s"] = benchmark::Counter(
-        static_cast<double>(flops_units(backward, n, kDim, rank)),
-        benchmark::Counter::kIsIterationInvariantRate);
+    state.counters["FLOP/s"] =
+        benchmark::Counter(static_cast<double>(flops_units(backward, n, kDim, rank)),
+                           benchmark::Counter::kIsIterationInvariantRate);
     state.counters["copies"] = static_cast<double>(count);
   }
 
@@ -429,10 +411,10 @@ class Suite {
     };
     call(0);  // warm
     K::synchronize(*ctx_);
-    Timer::run(state, *ctx_, 1, [](std::int64_t) { return false; }, [](std::int64_t) {}, call);
-    state.counters["FLOP/s(k)"] = benchmark::Counter(
-        static_cast<double>(flops_units(backward, n, d, s.k)),
-        benchmark::Counter::kIsIterationInvariantRate);
+    Bench::run(state, *ctx_, Rotation{1, 1}, call);
+    state.counters["FLOP/s(k)"] =
+        benchmark::Counter(static_cast<double>(flops_units(backward, n, d, s.k)),
+                           benchmark::Counter::kIsIterationInvariantRate);
   }
 
   Ctx* ctx_;

@@ -7,12 +7,9 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
-#include <cstdlib>
 #include <random>
 #include <string>
 #include <vector>
-
-#include "support/sizes.hpp"  // kDim, kAlpha, rotation_copies
 
 namespace rankwise {
 namespace bench {
@@ -20,8 +17,10 @@ namespace multi {
 
 // ---- the shapes -------------------------------------------------------------
 
-/// d_in = d_out; one pool holds kAdapters plain LoRA adapters of this module shape.
-inline constexpr std::int64_t kDim = ::rankwise::bench::kDim;
+/// d_in = d_out (a 7B-class model's hidden size); one pool holds kAdapters
+/// plain LoRA adapters of this module shape, each with alpha = kAlpha.
+inline constexpr std::int64_t kDim = 4096;
+inline constexpr double kAlpha = 16.0;
 inline constexpr std::int64_t kAdapters = 64;
 /// The rank every adapter is padded to for the flat (vLLM / Punica) layout.
 inline constexpr std::int64_t kPaddedRank = 64;
@@ -195,24 +194,6 @@ inline std::string mixed_key(const std::string& backend, const char* what, std::
   return backend + "/mixed_" + what + "/N:" + std::to_string(n);
 }
 inline std::string read_key(const std::string& backend) { return backend + "/read"; }
-
-/// `--threads=N` (removed from argv) or RANKWISE_BENCH_THREADS; 1 when neither.
-inline int take_threads_flag(int* argc, char** argv) {
-  int threads = 0;
-  if (const char* env = std::getenv("RANKWISE_BENCH_THREADS")) threads = std::atoi(env);
-  const std::string prefix = "--threads=";
-  int out = 1;
-  for (int i = 1; i < *argc; ++i) {
-    if (std::string(argv[i]).rfind(prefix, 0) == 0) {
-      threads = std::atoi(argv[i] + prefix.size());
-    } else {
-      argv[out++] = argv[i];
-    }
-  }
-  *argc = out;
-  argv[out] = nullptr;
-  return threads > 0 ? threads : 1;
-}
 
 }  // namespace multi
 }  // namespace bench

@@ -1,20 +1,17 @@
 // The multi-adapter benchmark bodies (UnitPool), written once for both
 // backends: bench_multi.cpp instantiates them with CpuBackend, bench_multi_cuda.cu
-// with CudaBackend. Include <rankwise/rankwise.hpp> or <rankwise/cuda.cuh> first;
-// no Eigen or CUDA is named here.
+// with CudaBackend. Include <rankwise/rankwise.hpp> and support/cpu_backend.hpp,
+// or <rankwise/cuda.cuh> and support/cuda_backend.cuh, first; no Eigen or CUDA
+// is named here. Everything is timed through BenchBackend<Backend>.
 //
-// Ops provides what differs between the backends:
-//   kManualTime                      register with UseManualTime()
-//   kCheckFinite                     SmoraConfig::check_finite of the SMoRA adapter
-//   run(state, ctx, cycle, call)     per KeepRunningBatch(cycle): call(0 .. cycle-1),
-//                                    timed on the backend's clock
-//   run_host(state, ctx, cycle, call)   the same on the host's clock (plan())
-//   gather_rows(ctx, x, rows, xs)    xs[j] = x[rows[j]]: an engine's own gather
+// RowOps is the engine's own row movement of the per-adapter loop (what an
+// engine writes today without a pool, so not a library call; each backend's
+// main writes it):
+//   gather_rows(ctx, x, rows, xs)        xs[j] = x[rows[j]]
 //   scatter_add_rows(ctx, ys, rows, y)   y[rows[j]] += ys[j] (rows distinct)
-//   read(ctx, data, count)           reads count floats (the read rate)
 //
 // Every timed call of a case (N, T) is one batch of its rotation
-// (multi_sizes.hpp: make_batches) on one copy of the layers, the copies
+// (multi/sizes.hpp: make_batches) on one copy of the layers, the copies
 // standing for the layers of a model: one plan per batch, made before the
 // timed loop, serves every copy of a pool. A benchmark iteration batch is the
 // whole rotation, so every variant is timed over the same batches and copies.
@@ -24,9 +21,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <cstdio>
-#include <exception>
 #include <functional>
 #include <map>
 #include <memory>
@@ -35,7 +32,8 @@
 #include <utility>
 #include <vector>
 
-#include "support/multi_sizes.hpp"
+#include "multi/sizes.hpp"
+#include "support/backend.hpp"
 
 namespace rankwise {
 namespace bench {
@@ -48,7 +46,7 @@ struct RowList {
   std::int64_t count = 0;
 };
 
-template <class Backend, class Ops>
+template <class Backend, class RowOps>
 class Suite {
  public:
   using T = float;
@@ -58,11 +56,15 @@ class Suite {
   using SmoraLayer = Smora<T, Backend>;
   using Pool = UnitPool<T, Backend>;
   using Plan = PoolPlan<Backend>;
+  using Bench = BenchBackend<Backend>;
 
-  /// `cache_bytes`: the cache the rotation must defeat (the CPU's last-level
-  /// cache, the GPU's L2). `backend`: the result-name prefix.
-  Suite(Ctx& ctx, std::string backend, std::size_t cache_bytes, bool quick)
-      : ctx_(&ctx), backend_(std::move(backend)), cache_bytes_(cache_bytes), quick_(quick) {}
+  /// `backend`: the result-name prefix. The rotations defeat
+  /// Bench::cache_bytes() (the CPU's last-level cache, the GPU's L2).
+  Suite(Ctx& ctx, std::string backend, bool quick)
+      : ctx_(&ctx),
+        backend_(std::move(backend)),
+        cache_bytes_(Bench::cache_bytes()),
+        quick_(quick) {}
 
   const std::string& backend() const { return backend_; }
 
@@ -115,20 +117,13 @@ class Suite {
     }
   }
 
-  void configure(benchmark::internal::Benchmark* b, std::int64_t n) const {
-    b->MinTime(min_time())->Unit(n >= 256 ? benchmark::kMillisecond : benchmark::kMicrosecond);
-    if (Ops::kManualTime) b->UseManualTime();
-  }
-
-  /// Runs `body` and marks the benchmark failed (the table shows it as not
-  /// measured) when it throws; the run goes on.
+  /// Registers body(state) as `name` at N = n, guarded (a throw marks it
+  /// failed; the run goes on).
   template <class F>
-  static void guarded(benchmark::State& state, F body) {
-    try {
-      body();
-    } catch (const std::exception& e) {
-      state.SkipWithError(e.what());
-    }
+  void reg(const std::string& name, std::int64_t n, F body) const {
+    auto* b = benchmark::RegisterBenchmark(
+        name.c_str(), [body](benchmark::State& s) { guarded(s, [&] { body(s); }); });
+    configure<Backend>(b, min_time(), n);
   }
 
   // ---- the layers -----------------------------------------------------------------
@@ -179,7 +174,7 @@ class Suite {
     sc.router.group_size = 1;
     sc.router.top_k = kSmoraTopK;
     sc.alpha = kSmoraAlpha;
-    sc.check_finite = Ops::kCheckFinite;
+    sc.check_finite = Bench::kCheckFinite;
     m->smora = std::make_unique<SmoraLayer>(*ctx_, sc);
     m->smora->init(31);
     K::fill_uniform(*ctx_, m->smora->bt(), -0.01, 0.01, 32);
@@ -352,10 +347,10 @@ class Suite {
       const RowList rows = lb.rows_of(g);
       const MatrixView<T> xs(m.xs.data(), g.count, kDim, Backend::kMemorySpace);
       const MatrixView<T> ys(m.ys.data(), g.count, kDim, Backend::kMemorySpace);
-      Ops::gather_rows(*ctx_, xall, rows, xs);
+      RowOps::gather_rows(*ctx_, xall, rows, xs);
       K::fill(*ctx_, ys, 0.0);
       body(lora(c, g.adapter), MatrixView<const T>(xs), ys);
-      Ops::scatter_add_rows(*ctx_, MatrixView<const T>(ys), rows, yall);
+      RowOps::scatter_add_rows(*ctx_, MatrixView<const T>(ys), rows, yall);
     }
   }
 
@@ -371,10 +366,11 @@ class Suite {
       for (std::int64_t i = 0; i < cycle; ++i) at(i);
       K::synchronize(*ctx_);
     }
+    const Rotation rotation{cycle, cycle};  // a sample is the whole rotation
     if (host_clock) {
-      Ops::run_host(state, *ctx_, cycle, at);
+      Bench::run_host(state, *ctx_, rotation, at);
     } else {
-      Ops::run(state, *ctx_, cycle, at);
+      Bench::run(state, *ctx_, rotation, at);
     }
     state.counters["batches"] = static_cast<double>(batches);
     state.counters["copies"] = static_cast<double>(copies);
@@ -426,13 +422,6 @@ class Suite {
   }
 
  private:
-  template <class F>
-  void reg(const std::string& name, std::int64_t n, F body) {
-    auto* b = benchmark::RegisterBenchmark(
-        name.c_str(), [body](benchmark::State& s) { guarded(s, [&] { body(s); }); });
-    configure(b, n);
-  }
-
   std::unique_ptr<Plan> make_plan(const Pool& pool, const std::vector<std::int32_t>& ids) const {
     auto plan = std::make_unique<Plan>();
     pool.plan(ids_view(ids), *plan);
@@ -465,7 +454,9 @@ class Suite {
     const std::int64_t slab = static_cast<std::int64_t>(kReadSlabBytes / sizeof(T));
     const T* base = m.slabs.data();
     time_rotation(state, read_key(backend_), read_slabs(), 1, false,
-                  [&](std::int64_t i, std::int64_t) { Ops::read(*ctx_, base + i * slab, slab); });
+                  [&](std::int64_t i, std::int64_t) {
+                    Bench::read(*ctx_, Span{base + i * slab, kReadSlabBytes});
+                  });
     state.SetBytesProcessed(state.iterations() * static_cast<std::int64_t>(kReadSlabBytes));
   }
 

@@ -1,20 +1,17 @@
 // Problem sizes, targets and result names of the SMoRA benchmarks, shared by
 // the CPU (bench_smora.cpp) and the GPU (bench_smora_cuda.cu) benchmark so
 // both measure exactly the same shapes. Plain C++17 plus the backend-neutral
-// rankwise headers: no Eigen, no CUDA, no Google Benchmark.
+// rankwise headers (and support/backend.hpp): no Eigen, no CUDA.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
+#include <rankwise/layers/rank_units.hpp>
 #include <string>
 #include <utility>
 #include <vector>
 
-#include <rankwise/layers/rank_units.hpp>
-
-#include "support/sizes.hpp"  // kDim, kAlpha, rotation_copies (LoRA bench, reused as is)
+#include "support/backend.hpp"  // rotation_copies
 
 namespace rankwise {
 namespace bench {
@@ -22,13 +19,14 @@ namespace smora {
 
 // ---- the shapes ---------------------------------------------------------
 
-/// d_in = d_out (the LoRA bench's kDim, 4096), total rank r and top-k of SMoRA.
-inline constexpr std::int64_t kDim = ::rankwise::bench::kDim;
+/// d_in = d_out (as in the LoRA bench), total rank r and top-k of SMoRA.
+inline constexpr std::int64_t kDim = 4096;
 inline constexpr std::int64_t kRank = 64;
 inline constexpr std::int64_t kTopK = 8;
 /// SMoRA's alpha (scale alpha / k); LoRA baselines use kAlpha (scale alpha / r).
 /// Neither affects the timings.
 inline constexpr double kSmoraAlpha = 16.0;
+inline constexpr double kAlpha = 16.0;
 
 /// Group sizes g (E = r / g experts) and token counts N of the layer table.
 inline const std::vector<std::int64_t>& groups() {
@@ -53,9 +51,12 @@ inline const std::vector<RankUnitPath>& paths() {
 }
 inline const char* path_name(RankUnitPath p) {
   switch (p) {
-    case RankUnitPath::kSparse: return "sparse";
-    case RankUnitPath::kDense: return "dense";
-    default: return "auto";
+    case RankUnitPath::kSparse:
+      return "sparse";
+    case RankUnitPath::kDense:
+      return "dense";
+    default:
+      return "auto";
   }
 }
 
@@ -104,35 +105,6 @@ inline const std::vector<std::int64_t>& crossover_tokens(bool quick) {
   return quick ? small : full;
 }
 
-// ---- flags ------------------------------------------------------------------------------
-
-/// Removes `flag` from argv (so Google Benchmark never sees it); true when it
-/// was there or when the environment variable `env` is set to anything but "" or "0".
-inline bool take_flag(int* argc, char** argv, const char* flag, const char* env) {
-  bool found = false;
-  int out = 1;
-  for (int i = 1; i < *argc; ++i) {
-    if (std::strcmp(argv[i], flag) == 0) {
-      found = true;
-    } else {
-      argv[out++] = argv[i];
-    }
-  }
-  *argc = out;
-  argv[out] = nullptr;
-  if (const char* v = std::getenv(env)) {
-    if (v[0] != '\0' && std::strcmp(v, "0") != 0) found = true;
-  }
-  return found;
-}
-
-/// A byte count from the environment (e.g. RANKWISE_BENCH_LLC_BYTES=33554432), 0 if unset.
-inline std::size_t env_bytes(const char* env) {
-  const char* v = std::getenv(env);
-  if (v == nullptr || v[0] == '\0') return 0;
-  return static_cast<std::size_t>(std::strtoull(v, nullptr, 10));
-}
-
 // ---- result names -------------------------------------------------------------------------
 // The report looks results up by these; they are also the Google Benchmark names,
 // so --benchmark_filter works on them (the CPU bench's <backend> names the
@@ -162,8 +134,8 @@ inline std::string blas_key(const std::string& backend, bool backward, std::int6
   return backend + "/blas_" + dir_name(backward) + "/r:" + std::to_string(r) +
          "/N:" + std::to_string(n) + "/" + cache_name(uncached);
 }
-inline std::string units_key(const std::string& backend, bool backward, std::int64_t d,
-                             UnitShape s, const std::string& path, std::int64_t n) {
+inline std::string units_key(const std::string& backend, bool backward, std::int64_t d, UnitShape s,
+                             const std::string& path, std::int64_t n) {
   return backend + "/units_" + dir_name(backward) + "/d:" + std::to_string(d) +
          "/k:" + std::to_string(s.k) + "/r:" + std::to_string(s.r) + "/" + path +
          "/N:" + std::to_string(n);
